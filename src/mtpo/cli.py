@@ -1,0 +1,42 @@
+"""`mtpo <command> ...` — parses, then calls library functions (everything it does is importable)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command → (module exposing `cli(argv) -> int`, one-line help)
+COMMANDS = {
+    "dpo": ("mtpo.trainers.dpo", "train with multi-turn DPO (M-DPO):  mtpo dpo config.yaml [--key=value ...]"),
+    "kto": ("mtpo.trainers.kto", "train with multi-turn KTO (M-KTO):  mtpo kto config.yaml [--key=value ...]"),
+    "sft": ("mtpo.trainers.sft", "masked multi-turn SFT / RAFT:        mtpo sft config.yaml [--key=value ...]"),
+    "inspect": ("mtpo.inspect", "show which tokens are trained:       mtpo inspect DATA --tokenizer PATH"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: mtpo <command> [args]", "", "commands:"]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `mtpo <command> --help` for the command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("--version", "-V"):
+        from mtpo import __version__
+
+        print(f"mtpo {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        print(f"mtpo: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[argv[0]][0])
+    return int(module.cli(argv[1:]) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,72 @@
+"""Rendered examples → padded tensors. Attention mask (real tokens) ≠ loss mask (trainable tokens).
+
+Padding never decides anything: both masks are carried explicitly, so `pad_token_id == eos` is harmless.
+Preference batches stack chosen and rejected in ONE batch, chosen first: rows [0, B) are chosen and
+rows [B, 2B) the matching rejected sides; `split_pair` is the one place they are split again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mtpo.render import Rendered
+
+
+def pad_rendered(seqs: list[Rendered], pad_token_id: int, pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest sequence: input_ids (N, T) long, attention_mask and trainable (N, T) bool."""
+    longest = max(len(s) for s in seqs)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = np.full((len(seqs), longest), pad_token_id, dtype=np.int64)
+    attention = np.zeros((len(seqs), longest), dtype=bool)
+    trainable = np.zeros((len(seqs), longest), dtype=bool)
+    for i, s in enumerate(seqs):
+        n = len(s)
+        input_ids[i, :n] = s.input_ids
+        attention[i, :n] = True
+        trainable[i, :n] = s.trainable
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(attention),
+            "trainable": torch.from_numpy(trainable)}
+
+
+def split_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2B, ...) stacked [chosen; rejected] → (chosen (B, ...), rejected (B, ...))."""
+    half = x.shape[0] // 2
+    return x[:half], x[half:]
+
+
+class ListDataset(Dataset):
+    """A plain list as a map-style dataset (examples are already rendered)."""
+
+    def __init__(self, items: list):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]
+
+
+@dataclass
+class PairCollator:
+    """PairExample list → {input_ids, attention_mask, trainable: (2B, T); margin, idx: (B,); ref_logps?: (2B,)}."""
+
+    pad_token_id: int
+    default_margin: float = 0.0
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples) -> dict[str, torch.Tensor]:
+        batch = pad_rendered([e.chosen for e in examples] + [e.rejected for e in examples],
+                             self.pad_token_id, self.pad_to_multiple_of)
+        margins = [self.default_margin if e.margin is None else e.margin for e in examples]
+        batch["margin"] = torch.tensor(margins, dtype=torch.float32)
+        batch["idx"] = torch.tensor([e.position for e in examples], dtype=torch.long)
+        if all(e.ref_logps is not None for e in examples):  # precomputed reference, chosen first
+            ref = [e.ref_logps[0] for e in examples] + [e.ref_logps[1] for e in examples]
+            batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
+        return batch

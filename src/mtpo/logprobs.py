@@ -1,0 +1,201 @@
+"""Masked per-sequence log-probabilities: the one quantity every mtpo loss is built from.
+
+    logps[b]  = Σ_{t : trainable[b, t]} log π(input_ids[b, t] | input_ids[b, <t])
+    counts[b] = |{t : trainable[b, t]}|
+
+How it avoids the B×T×V tensor
+------------------------------
+A naive implementation asks the model for full logits (B, T, V), upcasts them to float32 and takes a
+log-softmax: at V = 256k, T = 4096, B = 2 that is 8 GiB per copy, and autograd keeps several copies.
+Here the model is run with ``logits_to_keep=1`` (logits for the last position only, (B, 1, V)) and we
+read the final, post-norm hidden states (B, T, H) instead. Only the N rows whose *next* token is
+trainable are gathered, (N, H), and pushed through the LM head ``chunk_size`` rows at a time. Each chunk
+runs under ``torch.utils.checkpoint`` so autograd stores the chunk's (chunk, H) input, not its
+(chunk, V) logits; backward recomputes them. Peak extra memory is O(chunk_size × V), whatever T is.
+
+Per chunk the logits are upcast to float32 and given the same post-processing the model's own
+forward applies: ``logit_scale`` (Cohere, multiply), ``logits_scaling`` (Granite, divide) and
+``final_logit_softcapping`` (Gemma 2/3, ``cap * tanh(logits / cap)``). Because an unknown
+architecture could post-process logits differently, the first call on each LM head compares our
+recomputation with the model's own last-position logits and raises if they disagree.
+
+Wrapped models and unused parameters
+------------------------------------
+``model(...)`` is called as given, so DDP / DeepSpeed / PEFT wrappers run their forward hooks. The
+LM head is found on the unwrapped model and called as a *module* (ZeRO-3 gathers its weight through
+module hooks; under FSDP, shard the LM head as its own unit so calling it unshards it). Every
+parameter gets a gradient even when a micro-batch has no trainable token: the selection is then
+empty, and autograd still sends (zero) gradients back through the empty chunk, the LM head and the
+indexing into ``hidden``, so DDP without ``find_unused_parameters`` does not wait for a missing
+gradient (tested with a real DDP wrapper). No ``0 * logits.sum()`` term is needed, and none is added.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+__all__ = ["sequence_logps"]
+
+# LM heads whose post-processing (norm, scaling, soft-capping) has been checked against the model.
+_VERIFIED_HEADS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+def sequence_logps(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    trainable: Tensor,
+    *,
+    chunk_size: int = 1024,
+    position_ids: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Sum of log π over the trainable tokens of each row.
+
+    Args:
+        model: a causal LM, possibly wrapped (DDP, DeepSpeed engine, PEFT, ``torch.compile``).
+        input_ids: (B, T) token ids.
+        attention_mask: (B, T) bool or 0/1 — real tokens; the model attends to all of them.
+        trainable: (B, T) bool — True on tokens the policy generated (the loss targets). The first
+            real token of a row is never a target (nothing real predicts it) and is ignored there.
+            A trainable padding token is an error.
+        chunk_size: rows of the LM head computed at once; bounds the (chunk, V) float32 buffer.
+        position_ids: (B, T); default ``cumsum(attention_mask) - 1`` so left padding does not shift
+            positions. Pass your own for packed sequences.
+
+    Returns:
+        ``(logps, counts)``: (B,) float32 sums and (B,) long numbers of target tokens. A row with no
+        target token gets logps 0 and count 0; what to do with it is the caller's decision.
+    """
+    targets = _target_mask(input_ids, attention_mask, trainable, chunk_size)  # (B, T) bool
+    if position_ids is None:
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask.long(),
+        position_ids=position_ids,
+        output_hidden_states=[-1],  # keep only the last (post-norm) hidden state
+        logits_to_keep=1,
+        use_cache=False,
+    )
+    hidden = out.hidden_states[-1]  # (B, T, H)
+    base = _unwrap(model)
+    lm_head = base.get_output_embeddings()
+    postprocess = _logit_postprocess(base.config)
+    _verify_head_once(lm_head, postprocess, hidden, out.logits)
+
+    # hidden[b, p] predicts input_ids[b, p + 1]: select the rows whose next token is a target.
+    predicts_target = targets[:, 1:]  # (B, T-1) bool, aligned with hidden[:, :-1]
+    rows = hidden[:, :-1][predicts_target]  # (N, H)
+    labels = input_ids[:, 1:][predicts_target]  # (N,)
+    row_of = predicts_target.nonzero()[:, 0]  # (N,) batch index of each selected row
+
+    token_logps = torch.cat(
+        [
+            _checkpointed(_chunk_logps, lm_head, postprocess, h, y)
+            for h, y in zip(rows.split(chunk_size), labels.split(chunk_size))
+        ]
+    )  # (N,) float32
+    batch = input_ids.shape[0]
+    logps = torch.zeros(batch, dtype=torch.float32, device=hidden.device).index_add(0, row_of, token_logps)
+    counts = targets.sum(-1)  # (B,) long
+    return logps, counts
+
+
+def _target_mask(input_ids: Tensor, attention_mask: Tensor, trainable: Tensor, chunk_size: int) -> Tensor:
+    """Validate the inputs and return the (B, T) bool mask of target tokens.
+
+    Excluded: each row's first real token (position 0, or the first after left padding).
+    """
+    if trainable.dtype != torch.bool:
+        raise TypeError(f"trainable must be a bool mask, got {trainable.dtype}")
+    if input_ids.dim() != 2 or input_ids.shape != attention_mask.shape or input_ids.shape != trainable.shape:
+        raise ValueError(
+            "input_ids, attention_mask and trainable must all be (B, T); got "
+            f"{tuple(input_ids.shape)}, {tuple(attention_mask.shape)}, {tuple(trainable.shape)}"
+        )
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    real = attention_mask.bool()
+    if (trainable & ~real).any():
+        bad = (trainable & ~real).nonzero()[0].tolist()
+        raise ValueError(f"trainable marks a padding token (attention_mask == 0) at (row, position) {bad}")
+    targets = trainable.clone()
+    targets[:, 0] = False  # nothing predicts the first token ...
+    targets[:, 1:] &= real[:, :-1]  # ... nor the first real token of a left-padded row
+    return targets
+
+
+def _chunk_logps(lm_head: nn.Module, postprocess, hidden: Tensor, labels: Tensor) -> Tensor:
+    """log π(label | row) for a chunk of rows: (n, H), (n,) -> (n,) float32."""
+    logits = postprocess(lm_head(hidden).float())  # (n, V) float32, freed after this call
+    picked = logits.gather(-1, labels[:, None]).squeeze(-1)  # (n,)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def _checkpointed(fn, *args) -> Tensor:
+    """Run ``fn`` so that backward recomputes its activations instead of storing them."""
+    if not torch.is_grad_enabled():
+        return fn(*args)
+    return checkpoint(fn, *args, use_reentrant=False)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under DDP / DeepSpeed (``.module``), PEFT and ``torch.compile``."""
+    for _ in range(16):
+        if hasattr(model, "get_base_model"):  # peft.PeftModel
+            model = model.get_base_model()
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        elif isinstance(getattr(model, "module", None), nn.Module):  # DDP, DeepSpeedEngine
+            model = model.module
+        else:
+            break
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise TypeError(f"{type(model).__name__} has no output embeddings (LM head); expected a causal LM")
+    return model
+
+
+def _logit_postprocess(config):
+    """The element-wise map the model applies after its LM head, read from its config."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(text, "logit_scale", None)  # Cohere: logits * scale
+    divisor = getattr(text, "logits_scaling", None)  # Granite: logits / scaling
+    cap = getattr(text, "final_logit_softcapping", None)  # Gemma 2/3: cap * tanh(logits / cap)
+
+    def postprocess(logits: Tensor) -> Tensor:
+        if scale is not None:
+            logits = logits * scale
+        if divisor is not None:
+            logits = logits / divisor
+        if cap is not None:
+            logits = cap * torch.tanh(logits / cap)
+        return logits
+
+    return postprocess
+
+
+@torch.no_grad()
+def _verify_head_once(lm_head: nn.Module, postprocess, hidden: Tensor, model_logits: Tensor) -> None:
+    """Check, once per LM head, that our last-position logits equal the model's own.
+
+    Catches an architecture whose ``hidden_states[-1]`` is not the LM head's input or whose logit
+    post-processing we do not replicate; either would silently give wrong log-probs.
+    """
+    if lm_head in _VERIFIED_HEADS:
+        return
+    ours = postprocess(lm_head(hidden[:, -1]).float())  # (B, V)
+    theirs = model_logits[:, -1].float()  # (B, V)
+    low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
+    tol = (3e-2 if low_precision else 1e-4) * (1.0 + theirs.abs().max().item())
+    err = (ours - theirs).abs().max().item()
+    if err > tol:
+        raise RuntimeError(
+            f"sequence_logps: recomputed logits differ from the model's by {err:.3g} (tolerance {tol:.3g}). "
+            f"{type(lm_head).__name__} post-processing or hidden_states[-1] of this architecture is not "
+            "what mtpo assumes (final norm applied; logit_scale / logits_scaling / final_logit_softcapping)."
+        )
+    _VERIFIED_HEADS.add(lm_head)

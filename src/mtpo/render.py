@@ -1,0 +1,292 @@
+"""Conversation → (input_ids, trainable mask, segments), from the tokenizer's own chat template.
+
+How it works (no hard-coded token ids anywhere):
+
+1. Render the whole conversation once with the chat template → `text`.
+2. Render the prefixes that end where something trainable starts or stops (messages[:k], and
+   messages[:k] + generation prompt before each trained assistant message). Each must be a string
+   prefix of `text` — otherwise the template rewrites history and we refuse (pitfall: thinking
+   templates that drop old <think> blocks). Consecutive external messages (e.g. parallel tool
+   results that a template groups into one turn) are one segment, so no boundary is needed there.
+3. Inside a trained assistant message: the generation prompt (`<|im_start|>assistant\\n`) is
+   external; the rest up to and including the end-of-turn text (`<|im_end|>`, `<end_of_turn>`,
+   `<|eot_id|>`, `</s>`, detected from the template) is what the policy emitted; whatever the
+   template appends after it (a newline) is external.
+4. Tokenize `text` once with offsets and map every token to the character region it lies in
+   (vectorised). A token that straddles two regions goes to the side holding its non-whitespace
+   characters (SentencePiece's `▁Hello` after `[/INST]`); if both sides hold text we raise.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mtpo.data import Conversation, LabeledTrajectory, Message, PreferencePair, RecordError
+
+END_OF_TURN_MODES = ("every", "last", "none")
+_PROBE_USER, _PROBE_ASSISTANT = "MTPO_PROBE_QUESTION", "MTPO_PROBE_ANSWER"
+
+
+@dataclass(frozen=True)
+class RenderOptions:
+    trainable_roles: tuple[str, ...] = ("assistant",)
+    """Roles whose messages the policy generated. Everything else is external (not trained)."""
+    end_of_turn: str = "every"
+    """Train the end-of-turn token of assistant messages on `every` turn, the `last` one, or `none`."""
+    end_of_turn_text: tuple[str, ...] = ()
+    """End-of-turn strings to look for; empty = detect from the chat template (plus eos_token)."""
+    chat_template: str | None = None
+    """Chat template text overriding the tokenizer's own."""
+
+    def __post_init__(self):
+        if self.end_of_turn not in END_OF_TURN_MODES:
+            raise ValueError(f"end_of_turn must be one of {END_OF_TURN_MODES}, got {self.end_of_turn!r}")
+        object.__setattr__(self, "trainable_roles", tuple(self.trainable_roles))
+        eot = self.end_of_turn_text
+        object.__setattr__(self, "end_of_turn_text", (eot,) if isinstance(eot, str) else tuple(eot))
+
+
+@dataclass
+class Segment:
+    """A run of messages sharing one fate, with its character and token spans."""
+
+    messages: tuple[int, ...]  # indices into the conversation's messages
+    role: str  # role of the first message
+    trained: bool  # does any token of this segment enter the loss
+    char_span: tuple[int, int]
+    token_span: tuple[int, int] = (0, 0)
+
+
+@dataclass
+class Rendered:
+    """One tokenized trajectory. `trainable[t]` = token t was emitted by the policy."""
+
+    input_ids: np.ndarray  # (T,) int64
+    trainable: np.ndarray  # (T,) bool
+    text: str
+    offsets: np.ndarray  # (T, 2) character span of each token in `text`
+    segments: list[Segment] = field(default_factory=list)
+    index: int = 0  # source row
+    prompt_tokens: int = 0  # number of leading tokens that belong to the prompt
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        return np.ones_like(self.input_ids)
+
+    @property
+    def num_trainable(self) -> int:
+        return int(self.trainable.sum())
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def truncated(self, max_length: int) -> "Rendered":
+        """The first `max_length` tokens (for the `keep_start` truncation policy)."""
+        return Rendered(self.input_ids[:max_length], self.trainable[:max_length], self.text,
+                        self.offsets[:max_length], self.segments, self.index, min(self.prompt_tokens, max_length))
+
+
+class ChatRenderer:
+    """Renders conversations with one tokenizer + chat template. Build once, call per row."""
+
+    def __init__(self, tokenizer, options: RenderOptions | None = None):
+        self.tokenizer = tokenizer
+        self.options = options or RenderOptions()
+        self.template = self.options.chat_template or getattr(tokenizer, "chat_template", None)
+        if not self.template:
+            raise ValueError("the tokenizer has no chat template; pass one with `chat_template` (a .jinja file)")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError("mtpo needs a fast (Rust) tokenizer for character offsets; load it with use_fast=True")
+        self.bos_token_id = tokenizer.bos_token_id
+        self.end_of_turn_texts = self.options.end_of_turn_text or self._detect_end_of_turn()
+
+    # ---------------------------------------------------------------- template plumbing
+    def apply_template(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
+        if not messages and not add_generation_prompt:
+            return ""
+        return self.tokenizer.apply_chat_template(
+            messages, tools=tools, chat_template=self.template, tokenize=False,
+            add_generation_prompt=add_generation_prompt)
+
+    def _detect_end_of_turn(self) -> tuple[str, ...]:
+        """What the template writes after an assistant message's content, minus trailing space."""
+        found: list[str] = []
+        user = {"role": "user", "content": _PROBE_USER}
+        try:
+            head = self.apply_template([user], None, True)
+            full = self.apply_template([user, {"role": "assistant", "content": _PROBE_ASSISTANT}], None, False)
+            at = full.find(_PROBE_ASSISTANT, len(head) if full.startswith(head) else 0)
+            if at >= 0 and full[at + len(_PROBE_ASSISTANT):].strip():
+                found.append(full[at + len(_PROBE_ASSISTANT):].strip())
+        except Exception as e:  # a template that rejects the probe; fall back to eos below
+            warnings.warn(f"could not probe the chat template for its end-of-turn text ({e}); using eos_token")
+        eos = getattr(self.tokenizer, "eos_token", None)
+        if eos and eos not in found:
+            found.append(eos)
+        return tuple(found)
+
+    # ---------------------------------------------------------------- public API
+    def render(self, conv: Conversation, prompt_len: int = 0, _memo: dict | None = None) -> Rendered:
+        """Render one conversation. `prompt_len` = number of leading prompt messages (a boundary is
+        forced there so the prompt's tokens can be compared across the two sides of a pair)."""
+        msgs = [m.to_template() for m in conv.messages]
+        trained = [self._is_trained(m) for m in conv.messages]
+        memo = {} if _memo is None else _memo
+
+        def prefix(k: int, gen: bool) -> str:
+            key = (k, gen)
+            if key not in memo or k > prompt_len:
+                memo[key] = self._apply(msgs[:k], conv, gen)
+            return memo[key]
+
+        text = self._apply(msgs, conv, False)
+        regions, segments = self._regions(conv, msgs, trained, text, prompt_len, prefix)
+        ids, offsets = self._tokenize(text, conv.index)
+        token_region = self._assign_tokens(text, offsets, regions, segments, conv.index)
+        trainable = np.array([r[2] for r in regions], dtype=bool)[token_region]
+        trainable[0] = False  # nothing predicts the first token
+        region_segment = np.array([r[3] for r in regions])[token_region]
+        for s, seg in enumerate(segments):
+            where = np.flatnonzero(region_segment == s)
+            seg.token_span = (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
+        prompt_tokens = next((seg.token_span[0] for seg in segments if seg.messages[0] >= prompt_len), len(ids))
+        out = Rendered(ids, trainable, text, offsets, segments, conv.index, prompt_tokens if prompt_len else 0)
+        if out.num_trainable == 0:
+            raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
+        return out
+
+    def render_pair(self, pair: PreferencePair) -> tuple[Rendered, Rendered]:
+        """Render both sides; the shared prompt is rendered once and must tokenize identically."""
+        memo: dict = {}
+        n = len(pair.prompt)
+        chosen = self._side(pair.chosen_conversation(), n, memo, "chosen")
+        rejected = self._side(pair.rejected_conversation(), n, memo, "rejected")
+        p = chosen.prompt_tokens
+        if rejected.prompt_tokens != p or not np.array_equal(chosen.input_ids[:p], rejected.input_ids[:p]):
+            raise RecordError(pair.index, "chosen and rejected prompts tokenize differently")
+        return chosen, rejected
+
+    def render_labeled(self, traj: LabeledTrajectory) -> Rendered:
+        return self._side(traj.conversation(), len(traj.prompt), None, "completion")
+
+    def _side(self, conv: Conversation, prompt_len: int, memo, side: str) -> Rendered:
+        try:
+            return self.render(conv, prompt_len, memo)
+        except RecordError as e:
+            if e.side is None:  # add which side of the row failed
+                raise RecordError(e.row, str(e).split(": ", 1)[1], e.message, side) from None
+            raise
+
+    # ---------------------------------------------------------------- steps
+    def _is_trained(self, m: Message) -> bool:
+        return m.train if m.train is not None else m.role in self.options.trainable_roles
+
+    def _apply(self, msgs: list[dict], conv: Conversation, gen: bool) -> str:
+        try:
+            return self.apply_template(msgs, conv.tools, gen)
+        except Exception as e:
+            raise RecordError(conv.index, f"chat template failed on the first {len(msgs)} messages: {e}") from None
+
+    def _regions(self, conv, msgs, trained, text, prompt_len, prefix):
+        """Character regions (start, end, trainable, segment) covering `text`, plus the segments."""
+        n = len(msgs)
+        cuts = [k for k in range(1, n) if trained[k - 1] or trained[k] or k == prompt_len]
+        bounds = [0]
+        for k in cuts:
+            bounds.append(self._prefix_end(prefix(k, False), text, conv.index, k))
+        bounds.append(len(text))
+        last_trained = max((k for k in range(n) if trained[k]), default=-1)
+        regions, segments = [], []
+        for s, (first, start, end) in enumerate(zip([0] + cuts, bounds, bounds[1:])):
+            last = cuts[s] if s < len(cuts) else n
+            m = conv.messages[first]
+            seg = Segment(tuple(range(first, last)), m.role, trained[first] and last - first == 1, (start, end))
+            segments.append(seg)
+            if not seg.trained:
+                regions.append((start, end, False, s))
+                continue
+            if m.role == "assistant":
+                head_end = self._prefix_end(prefix(first, True), text, conv.index, first)
+                if head_end < start:
+                    raise RecordError(conv.index, "generation prompt is shorter than the previous turns", first)
+                body_end = self._assistant_body_end(text, head_end, end, conv.index, first, first == last_trained)
+            else:
+                head_end, body_end = self._content_span(text, start, end, m, conv.index, first)
+            regions += [(start, head_end, False, s), (head_end, body_end, True, s), (body_end, end, False, s)]
+        regions = [r for r in regions if r[1] > r[0]]
+        return regions, segments
+
+    @staticmethod
+    def _prefix_end(prefix_text: str, text: str, row: int, k: int) -> int:
+        if not text.startswith(prefix_text):
+            raise RecordError(row, "chat template is not prefix-stable: rendering the conversation up to here "
+                              "is not a prefix of the whole conversation (the template rewrites earlier turns; "
+                              "use a training template that keeps history, e.g. via `chat_template`)", k)
+        return len(prefix_text)
+
+    def _assistant_body_end(self, text, head_end, end, row, k, is_last):
+        """End of what the policy emitted in this assistant turn: content + end-of-turn text."""
+        chunk = text[head_end:end]
+        best = -1, ""
+        for eot in self.end_of_turn_texts:
+            at = chunk.rfind(eot)
+            if at > best[0]:
+                best = at, eot
+        at, eot = best
+        if at < 0:
+            raise RecordError(row, f"none of the end-of-turn texts {list(self.end_of_turn_texts)} found after "
+                              "this assistant message; set `end_of_turn_text`", k)
+        train_eot = self.options.end_of_turn == "every" or (self.options.end_of_turn == "last" and is_last)
+        return head_end + at + (len(eot) if train_eot else 0)
+
+    @staticmethod
+    def _content_span(text, start, end, m: Message, row, k):
+        """A non-assistant message forced into the loss: only its content characters are trained."""
+        at = text.find(m.content or "", start, end)
+        if not m.content or at < 0:
+            raise RecordError(row, "message has train: true but its content was not found verbatim in the "
+                              "rendered template", k)
+        return at, at + len(m.content)
+
+    def _tokenize(self, text: str, row: int) -> tuple[np.ndarray, np.ndarray]:
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        bos = self.bos_token_id
+        if bos is not None and len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            raise RecordError(row, "duplicated BOS token at the start (the template writes it and so does the "
+                              "text); remove one")
+        if len(ids) == 0:
+            raise RecordError(row, "conversation renders to no tokens")
+        return ids, offsets
+
+    @staticmethod
+    def _assign_tokens(text, offsets, regions, segments, row) -> np.ndarray:
+        """Region index of every token (vectorised; straddling tokens resolved one by one)."""
+        starts = np.array([r[0] for r in regions])
+        tok_start, tok_end = offsets[:, 0], offsets[:, 1]
+        first = np.searchsorted(starts, tok_start, side="right") - 1
+        last = np.searchsorted(starts, np.maximum(tok_end - 1, tok_start), side="right") - 1
+        for t in np.flatnonzero(first != last):
+            a, b = int(first[t]), int(last[t])
+            cut = int(starts[b])
+            left, right = text[tok_start[t]:cut], text[cut:tok_end[t]]
+            if b == a + 1 and not left.strip():
+                first[t] = b
+            elif b == a + 1 and not right.strip():
+                pass
+            else:
+                seg = segments[regions[b][3]]
+                raise RecordError(row, f"token {text[tok_start[t]:tok_end[t]]!r} straddles the boundary between "
+                                  "trained and external text (both sides hold non-space characters); the "
+                                  "template or the content merges across it", seg.messages[0])
+        return first
+
+
+def render_chat_template_text(tokenizer, conv: Conversation, chat_template: str | None = None) -> str:
+    """Plain text of a conversation under a template (used by the inspector and tests)."""
+    return tokenizer.apply_chat_template([m.to_template() for m in conv.messages], tools=conv.tools,
+                                         chat_template=chat_template, tokenize=False)
