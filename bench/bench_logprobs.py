@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -78,13 +79,24 @@ def step(variant, model, batch, chunk_size):
     return logps.detach()
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def current_rss_mib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
 def worker(args) -> dict:
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu"))
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     model, *batch = build(args, device, dtype)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -126,7 +138,7 @@ def run_one(args, variant: str, vocab: int) -> dict:
 
 def table(results: list[dict]) -> str:
     lines = [
-        "| vocab | variant | time fwd+bwd (s) | peak (MiB) | step peak over baseline (MiB) | max |Δ logps| vs naive |",
+        "| vocab | variant | time fwd+bwd (s) | peak (MiB) | step peak over baseline (MiB) | max abs Δ logps vs naive |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     naive = {r["vocab"]: r for r in results if r["variant"] == "naive" and "error" not in r}
@@ -146,7 +158,7 @@ def table(results: list[dict]) -> str:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 256000])
-    p.add_argument("--variants", nargs="+", default=["chunked", "naive", "trl"])
+    p.add_argument("--variants", nargs="+", default=["chunked", "naive"], choices=["chunked", "naive", "trl"])
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--hidden", type=int, default=64)
@@ -165,13 +177,15 @@ def main(argv=None):
         return
     results = [run_one(args, variant, vocab) for vocab in args.vocab for variant in args.variants]
     meta = {
-        "machine": f"{platform.node()} {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{cpu_name()} ({os.cpu_count()} CPUs), {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}" + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "seq": args.seq, "batch": args.batch, "hidden": args.hidden, "layers": args.layers,
-        "chunk_size": args.chunk_size,
+        "chunk_size": args.chunk_size, "loadavg_1min_at_end": os.getloadavg()[0],
     }
     print(table(results))
+    print(f"\n{meta['machine']}; seq {args.seq}, batch {args.batch}, hidden {args.hidden}, layers {args.layers}, "
+          f"chunk {args.chunk_size}; 1-min load average at end {meta['loadavg_1min_at_end']:.1f}")
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 

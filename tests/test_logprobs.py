@@ -220,7 +220,9 @@ def test_peft_lora_and_disabled_adapter():
     peft = pytest.importorskip("peft")
     base = make_model("llama")
     reference = copy.deepcopy(base)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "lm_head"], init_lora_weights=False
+    )
     lora = peft.get_peft_model(base, config)
     rows = make_rows()
     batch = collate(rows, "left")
@@ -276,3 +278,26 @@ def test_input_validation():
         sequence_logps(model, input_ids, attention[:, :-1], trainable)
     with pytest.raises(ValueError, match="chunk_size"):
         sequence_logps(model, input_ids, attention, trainable, chunk_size=0)
+
+
+def test_target_logprob_backward_matches_autograd():
+    from mtpo.logprobs import _TargetLogProb
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 3, 10, 3, 7])
+    assert torch.autograd.gradcheck(_TargetLogProb.apply, (logits, labels))
+    plain = torch.log_softmax(logits, -1).gather(-1, labels[:, None]).squeeze(-1)
+    torch.testing.assert_close(_TargetLogProb.apply(logits, labels), plain)
+
+
+def test_with_hf_gradient_checkpointing():
+    plain, checkpointed = make_model("llama").train(), make_model("llama").train()
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = collate(make_rows(), "left")
+    for model in (plain, checkpointed):
+        logps, _ = sequence_logps(model, *batch)
+        logps.sum().backward()
+    torch.testing.assert_close(sequence_logps(checkpointed, *batch)[0], sequence_logps(plain, *batch)[0])
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=name)

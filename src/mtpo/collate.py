@@ -70,3 +70,36 @@ class PairCollator:
             ref = [e.ref_logps[0] for e in examples] + [e.ref_logps[1] for e in examples]
             batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
         return batch
+
+
+@dataclass
+class LabeledCollator:
+    """KTO: LabeledExample list → {input_ids, attention_mask, trainable: (2B, T) stacked [completions; KL pairs];
+    label (bool), idx: (B,); ref_logps?: (2B,)}. Rows [B, 2B) are each example's mismatched pair (`kl`),
+    rendered during data preparation (`mtpo.prepare.add_mismatched`), so this only pads."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples) -> dict[str, torch.Tensor]:
+        if any(e.kl is None for e in examples):
+            raise ValueError("examples have no mismatched KL pair; run mtpo.prepare.add_mismatched first")
+        batch = pad_rendered([e.completion for e in examples] + [e.kl for e in examples],
+                             self.pad_token_id, self.pad_to_multiple_of)
+        batch["label"] = torch.tensor([e.label for e in examples], dtype=torch.bool)
+        batch["idx"] = torch.tensor([e.position for e in examples], dtype=torch.long)
+        if all(e.ref_logps is not None and e.ref_kl_logps is not None for e in examples):
+            ref = [e.ref_logps for e in examples] + [e.ref_kl_logps for e in examples]
+            batch["ref_logps"] = torch.tensor(ref, dtype=torch.float32)
+        return batch
+
+
+@dataclass
+class ConversationCollator:
+    """SFT: Rendered list → {input_ids, attention_mask, trainable: (B, T)}."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples) -> dict[str, torch.Tensor]:
+        return pad_rendered(list(examples), self.pad_token_id, self.pad_to_multiple_of)

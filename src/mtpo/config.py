@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,10 +92,28 @@ class MTPOConfig(TrainingArguments):
             raise ConfigError("model_name_or_path is required")
         if not self.train_data:
             raise ConfigError("train_data is required")
-        for key in ("train_data", "eval_data", "chat_template", "model_name_or_path", "tokenizer_name_or_path"):
+        for key in ("train_data", "eval_data", "chat_template", "model_name_or_path", "tokenizer_name_or_path",
+                    "ref_model_name_or_path"):
             value = getattr(self, key, None)
             if value and _looks_local(value) and not os.path.exists(value):
                 raise ConfigError(f"{key}: path not found: {value}")
+        strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
+        if strategy != "no" and not self.eval_data:
+            raise ConfigError(f"eval_strategy={strategy} needs eval_data (or set eval_strategy: 'no')")
+
+
+@dataclass
+class ReferenceConfig(MTPOConfig):
+    """Options of the trainers that compare the policy with a reference (`mtpo dpo`, `mtpo kto`)."""
+
+    ref_model_name_or_path: str | None = field(default=None, metadata={"help": "Reference (default: policy's start)."})
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute reference log-probs once, before training."})
+    disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in policy and reference."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.use_peft and self.ref_model_name_or_path:
+            raise ConfigError("with use_peft the reference is the adapter-disabled policy; drop ref_model_name_or_path")
 
 
 def _looks_local(value: str) -> bool:
@@ -116,13 +135,39 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
         if not os.path.isfile(path):
             raise ConfigError(f"config file not found: {path}")
         with open(path, encoding="utf-8") as f:
-            loaded = yaml.safe_load(f) or {}
+            try:
+                loaded = yaml.load(f, Loader=_YAMLLoader) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path}: not valid YAML: {e}".replace("\n", " ")) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of option: value")
-        values.update(loaded)
-    values.update(parse_overrides(overrides or []))
-    values.update(extra)
+        values.update(_resolve_aliases(cls, loaded))
+    # Aliases are resolved per source, so `--warmup_steps=0` overrides a file's `warmup_ratio: 0.1`.
+    values.update(_resolve_aliases(cls, parse_overrides(overrides or [])))
+    values.update(_resolve_aliases(cls, extra))
     return build_config(cls, values)
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """YAML 1.2 scalars where PyYAML's YAML 1.1 surprises: `2e-7` (no dot) is a number, not a string,
+    and only true/false are booleans, so `--eval_strategy=no` stays the string "no" (bool options
+    still accept yes/no/on/off, see `_coerce`)."""
+
+
+_YAMLLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YAMLLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                    |[-+]?\.(?:inf|Inf|INF)
+                    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:
@@ -138,7 +183,10 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
                 raw, i = args[i + 1], i + 1
             else:
                 raw = "true"
-        out[key.replace("-", "_")] = yaml.safe_load(raw) if raw != "" else ""
+        try:
+            out[key.replace("-", "_")] = yaml.load(raw, Loader=_YAMLLoader) if raw != "" else ""
+        except yaml.YAMLError:  # e.g. `--run_name=a: b`: keep the text as given
+            out[key.replace("-", "_")] = raw
         i += 1
     return out
 
@@ -147,14 +195,21 @@ def parse_overrides(args: list[str]) -> dict[str, Any]:
 ALIASES = {"warmup_ratio": "warmup_steps"}  # a float in [0, 1) is a ratio in transformers 5
 
 
-def build_config(cls: type, values: dict[str, Any]):
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+def _resolve_aliases(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Rename old option names (`warmup_ratio` → `warmup_steps`) within one source of values."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = dict(values)
     for old, new in ALIASES.items():
         if old in values and old not in fields:
             if new in values:
                 raise ConfigError(f"give either {old!r} or {new!r}, not both")
-            values = {**values, new: values[old]}
-            del values[old]
+            values[new] = values.pop(old)
+    return values
+
+
+def build_config(cls: type, values: dict[str, Any]):
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    values = _resolve_aliases(cls, values)
     if isinstance(values.get("warmup_steps"), float) and not 0 <= values["warmup_steps"] < 1:
         raise ConfigError(f"warmup_steps: a float is a ratio and must be in [0, 1), got {values['warmup_steps']}")
     hints = typing.get_type_hints(cls)
@@ -171,6 +226,9 @@ def build_config(cls: type, values: dict[str, Any]):
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+
+
+_BOOL_WORDS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}
 
 
 def _coerce(key: str, value: Any, tp: Any) -> Any:
@@ -199,6 +257,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in _BOOL_WORDS:
+            return _BOOL_WORDS[value.lower()]
         raise ConfigError(f"{key}: expected true/false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):

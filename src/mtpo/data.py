@@ -98,6 +98,7 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
     Local paths are tried first; anything that is not an existing path is treated as a Hub dataset
     name (which needs network access).
     """
+    source = os.path.expanduser(source)
     if os.path.isdir(source):
         return _load_dataset_dir(source, split)
     if os.path.isfile(source):
@@ -111,7 +112,7 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
 
             return list(datasets.Dataset.from_parquet(source))
         raise ValueError(f"{source}: unknown file type (expected .jsonl, .json, .parquet or a dataset folder)")
-    if source.startswith((".", "/", "~")) or source.endswith((".jsonl", ".json", ".parquet")):
+    if source.startswith((".", "/", "~")) or source.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet")):
         raise FileNotFoundError(f"data file not found: {source}")
     import datasets  # a Hub dataset name, for users who are online
 

@@ -51,15 +51,15 @@ class Side:
 
 
 def row_kind(row) -> str | None:
-    """What a single row looks like (None if it matches no known format)."""
+    """What a single row looks like (None if it matches no known format). Keys holding None count as
+    absent: Parquet files and HF datasets give every row every column."""
     if not isinstance(row, dict):
         return None
-    if "chosen" in row and "rejected" in row:
+    has = {k for k, v in row.items() if v is not None}
+    if {"chosen", "rejected"} <= has:
         return "pair"
-    if "label" in row and ("messages" in row or ("prompt" in row and "completion" in row)):
-        return "labeled"
-    if "messages" in row or ("prompt" in row and "completion" in row):
-        return "conversation"
+    if "messages" in has or {"prompt", "completion"} <= has:
+        return "labeled" if "label" in has else "conversation"
     return None
 
 
@@ -302,16 +302,19 @@ def _setup(args, parser) -> tuple[ChatRenderer, list[dict], str]:
                 template = f.read()
         except OSError as e:
             parser.error(f"--chat-template: cannot read {args.chat_template}: {e.strerror or e}")
+    if args.tokenizer.startswith((".", "/", "~")) and not os.path.exists(os.path.expanduser(args.tokenizer)):
+        parser.error(f"--tokenizer: no such folder {args.tokenizer}")
     from transformers import AutoTokenizer  # heavy import: only once the arguments are known good
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.tokenizer))
+        if not (template or getattr(tokenizer, "chat_template", None)):
+            raise ValueError("has no chat template; give one with --chat-template FILE")
         options = RenderOptions(trainable_roles=args.trainable_roles, end_of_turn=args.end_of_turn,
                                 chat_template=template)
         renderer = ChatRenderer(tokenizer, options)
     except Exception as e:
-        hint = " (give one with --chat-template FILE)" if "no chat template" in str(e) else ""
-        raise ValueError(f"tokenizer {args.tokenizer}: {e}{hint}") from None
+        raise ValueError(f"tokenizer {args.tokenizer}: {e}") from None
     rows = load_rows(args.data, split=args.split)
     kind = detect_kind(rows) if args.kind == "auto" else args.kind
     return renderer, rows, kind
@@ -369,6 +372,7 @@ def _show_rows(args, rows: list[dict], kind: str, renderer: ChatRenderer) -> lis
         else:
             out.write(f"=== row {i} ({kind}) ===\n")
             for side in sides:
-                out.write(f"--- {summary(side)}\n{colorize(side.rendered, tok, style)}\n\n")
+                text = colorize(side.rendered, tok, style)
+                out.write(f"--- {summary(side)}\n{text}{'' if text.endswith(chr(10)) else chr(10)}\n")
     out.flush()
     return results

@@ -84,6 +84,7 @@ def sequence_logps(
     hidden = out.hidden_states[-1]  # (B, T, H)
     base = _unwrap(model)
     lm_head = base.get_output_embeddings()
+    hidden = _head_input(lm_head, hidden)
     postprocess = _logit_postprocess(base.config)
     _verify_head_once(lm_head, postprocess, hidden, out.logits)
 
@@ -132,8 +133,29 @@ def _target_mask(input_ids: Tensor, attention_mask: Tensor, trainable: Tensor, c
 def _chunk_logps(lm_head: nn.Module, postprocess, hidden: Tensor, labels: Tensor) -> Tensor:
     """log π(label | row) for a chunk of rows: (n, H), (n,) -> (n,) float32."""
     logits = postprocess(lm_head(hidden).float())  # (n, V) float32, freed after this call
-    picked = logits.gather(-1, labels[:, None]).squeeze(-1)  # (n,)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return _TargetLogProb.apply(logits, labels)
+
+
+class _TargetLogProb(torch.autograd.Function):
+    """``logits[i, labels[i]] − logsumexp(logits[i])`` with a one-buffer backward.
+
+    Plain autograd of gather + logsumexp allocates three or four (n, V) temporaries in backward;
+    here the gradient ``g · (onehot − softmax)`` is built in a single buffer, in place.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:
+        lse = torch.logsumexp(logits, dim=-1)  # (n,)
+        ctx.save_for_backward(logits, labels, lse)
+        return logits.gather(-1, labels[:, None]).squeeze(-1) - lse
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        logits, labels, lse = ctx.saved_tensors
+        grad = (logits - lse[:, None]).exp_()  # softmax, (n, V): the only new buffer
+        grad.mul_(-grad_out[:, None])
+        grad.scatter_add_(-1, labels[:, None], grad_out[:, None])
+        return grad, None
 
 
 def _checkpointed(fn, *args) -> Tensor:
@@ -157,6 +179,45 @@ def _unwrap(model: nn.Module) -> nn.Module:
     if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
         raise TypeError(f"{type(model).__name__} has no output embeddings (LM head); expected a causal LM")
     return model
+
+
+def _head_input(lm_head: nn.Module, hidden: Tensor) -> Tensor:
+    """The hidden states as the LM head can take them *outside* the model's forward.
+
+    * accelerate's mixed precision returns the forward's outputs upcast to float32; a bf16/fp16 head
+      called outside autocast needs them back in its dtype (exact: they were computed in it).
+    * FSDP2: a head that is not an FSDP unit of its own gets its weight gathered by the root's
+      forward only; if the root resharded after forward, the weight is a sharded DTensor here and
+      the result would be wrong or a crash deep in DTensor — fail clearly instead.
+    """
+    weight = getattr(lm_head, "weight", None)
+    if weight is None:
+        return hidden
+    if _is_dtensor(weight) and not _is_fsdp_unit(lm_head):
+        raise RuntimeError(
+            "sequence_logps: the LM head's weight is still sharded (DTensor) after the model's forward, and the head "
+            "is not an FSDP unit of its own. Shard it as one (accelerate's FSDP2 preparation does: "
+            "fully_shard([final_norm, lm_head])) or keep the root's reshard_after_forward=False.")
+    low = (torch.float16, torch.bfloat16)
+    if hidden.dtype == torch.float32 and weight.dtype in low and not torch.is_autocast_enabled(hidden.device.type):
+        hidden = hidden.to(weight.dtype)
+    return hidden
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def _is_fsdp_unit(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return isinstance(module, FSDPModule)
 
 
 def _logit_postprocess(config):
@@ -189,7 +250,9 @@ def _verify_head_once(lm_head: nn.Module, postprocess, hidden: Tensor, model_log
         return
     ours = postprocess(lm_head(hidden[:, -1]).float())  # (B, V)
     theirs = model_logits[:, -1].float()  # (B, V)
-    low_precision = hidden.dtype in (torch.float16, torch.bfloat16)
+    device = hidden.device.type
+    low_precision = hidden.dtype in (torch.float16, torch.bfloat16) or (
+        torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) in (torch.float16, torch.bfloat16))
     tol = (3e-2 if low_precision else 1e-4) * (1.0 + theirs.abs().max().item())
     err = (ours - theirs).abs().max().item()
     if err > tol:

@@ -7,7 +7,9 @@ row); `invalid_rows="skip"` turns those errors into counted skips.
 
 from __future__ import annotations
 
+import json
 import logging
+import random
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
@@ -66,6 +68,9 @@ class LabeledExample:
     record: LabeledTrajectory | None = None  # kept for building mismatched (KTO) pairs
     position: int = -1  # index in the prepared list (set by `_run`)
     ref_logps: float | None = None  # precomputed reference log-prob
+    kl: Rendered | None = None  # this prompt + another example's completion (KTO's KL baseline; `add_mismatched`)
+    kl_partner: int = -1  # position of the example whose completion `kl` borrows
+    ref_kl_logps: float | None = None  # precomputed reference log-prob of `kl`
 
 
 def fit_length(r: Rendered, max_length: int | None, truncation: str) -> tuple[Rendered | None, str | None]:
@@ -141,6 +146,93 @@ def prepare_labeled(rows: list[dict], renderer: ChatRenderer, max_length: int | 
         return made, None
 
     return _run(rows, build, report, invalid_rows, "rendering trajectories"), report
+
+
+KL_PARTNER_TRIES = 8  # partners tried per example for a mismatched pair that fits max_length
+
+
+def add_mismatched(examples: list[LabeledExample], renderer: ChatRenderer, max_length: int | None = None,
+                   seed: int = 0) -> None:
+    """Give every example its KTO KL pair `kl`: its own prompt + the completion of another example.
+
+    KTO's reference point z0 is estimated from (prompt, completion) pairs that do not belong together.
+    TRL pairs row i with row i+1 of the same batch, which fails at one row per device (the "pair" is the
+    row with itself). Here the partners are fixed once, over the whole dataset: walk a seeded random
+    permutation cyclically and give each example the completion of the next one whose prompt (messages
+    and tools) differs. Any batch size works, including 1, and reference log-probs of the pairs can be
+    precomputed. Each pair is a new Conversation rendered by the chat template, so its mask comes from
+    rendering. Of up to `KL_PARTNER_TRIES` partners the first whose pair fits `max_length` is used; if
+    none fits, the first is truncated to `max_length` (it is a sample for the baseline, not a target).
+    """
+    if not examples:
+        return
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    keys = _prompt_ids([examples[i].record for i in order])
+    if len(set(keys)) < 2:
+        raise RecordError(examples[0].index, "KTO's KL baseline needs trajectories of at least two different "
+                          "prompts (mismatched pairs); every example has the same prompt")
+    following = _next_different(keys)
+    for k, i in enumerate(order):
+        example = examples[i]
+        fallback = None
+        for c in _candidates(k, keys, following):
+            j = order[c]
+            kl = _render_mismatched(renderer, example, examples[j])
+            if max_length is None or len(kl) <= max_length:
+                example.kl, example.kl_partner = kl, examples[j].position
+                break
+            fallback = fallback or (kl, j)
+        else:
+            kl, j = fallback
+            kl = kl.truncated(max_length)
+            if kl.num_trainable == 0:
+                raise RecordError(example.index, f"mismatched pair with row {examples[j].index} has no trainable "
+                                  f"token within max_length={max_length}")
+            example.kl, example.kl_partner = kl, examples[j].position
+
+
+def _prompt_ids(records: list[LabeledTrajectory]) -> list[int]:
+    """One id per distinct prompt (messages + tools)."""
+    ids: dict[str, int] = {}
+    out = []
+    for r in records:
+        key = json.dumps([[m.to_template() for m in r.prompt], r.tools], sort_keys=True, default=str)
+        out.append(ids.setdefault(key, len(ids)))
+    return out
+
+
+def _next_different(keys: list[int]) -> list[int]:
+    """following[k] = first position after k (cyclically) whose key differs from keys[k]."""
+    n = len(keys)
+    following = [0] * n
+    nxt = None
+    for p in range(2 * n - 1, -1, -1):  # two passes over the doubled list handle the wrap-around
+        k = p % n
+        if nxt is not None:
+            following[k] = nxt % n if keys[nxt % n] != keys[k] else following[nxt % n]
+        nxt = p
+    return following
+
+
+def _candidates(k: int, keys: list[int], following: list[int]):
+    """Up to KL_PARTNER_TRIES positions after k (cyclically) whose prompt differs from k's."""
+    c = following[k]
+    for _ in range(KL_PARTNER_TRIES):
+        yield c
+        c = (c + 1) % len(keys)
+        if keys[c] == keys[k]:
+            c = following[c]
+
+
+def _render_mismatched(renderer: ChatRenderer, example: LabeledExample, partner: LabeledExample) -> Rendered:
+    own, other = example.record, partner.record
+    traj = LabeledTrajectory(own.prompt, other.completion, example.label, own.tools, example.index)
+    try:
+        return renderer.render_labeled(traj)
+    except RecordError as e:
+        raise RecordError(example.index, f"mismatched pair (this prompt + the completion of row {partner.index}) "
+                          f"for KTO's KL baseline does not render: {str(e).split(': ', 1)[-1]}") from None
 
 
 def prepare_conversations(rows: list[dict], renderer: ChatRenderer, max_length: int | None = None,

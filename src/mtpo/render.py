@@ -8,6 +8,8 @@ How it works (no hard-coded token ids anywhere):
    prefix of `text` — otherwise the template rewrites history and we refuse (pitfall: thinking
    templates that drop old <think> blocks). Consecutive external messages (e.g. parallel tool
    results that a template groups into one turn) are one segment, so no boundary is needed there.
+   An eos_token the template writes only after the last message (Phi-3) is cut from the prefixes
+   first: it closes the conversation, it does not rewrite it, and no turn owns it.
 3. Inside a trained assistant message: the generation prompt (`<|im_start|>assistant\\n`) is
    external; the rest up to and including the end-of-turn text (`<|im_end|>`, `<end_of_turn>`,
    `<|eot_id|>`, `</s>`, detected from the template) is what the policy emitted; whatever the
@@ -20,7 +22,7 @@ How it works (no hard-coded token ids anywhere):
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -85,8 +87,10 @@ class Rendered:
 
     def truncated(self, max_length: int) -> "Rendered":
         """The first `max_length` tokens (for the `keep_start` truncation policy)."""
+        segments = [replace(s, token_span=(min(s.token_span[0], max_length), min(s.token_span[1], max_length)))
+                    for s in self.segments if s.token_span[0] < max_length]
         return Rendered(self.input_ids[:max_length], self.trainable[:max_length], self.text,
-                        self.offsets[:max_length], self.segments, self.index, min(self.prompt_tokens, max_length))
+                        self.offsets[:max_length], segments, self.index, min(self.prompt_tokens, max_length))
 
 
 class ChatRenderer:
@@ -101,6 +105,7 @@ class ChatRenderer:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("mtpo needs a fast (Rust) tokenizer for character offsets; load it with use_fast=True")
         self.bos_token_id = tokenizer.bos_token_id
+        self.closing_text = self._detect_closing_text()
         self.end_of_turn_texts = self.options.end_of_turn_text or self._detect_end_of_turn()
 
     # ---------------------------------------------------------------- template plumbing
@@ -111,6 +116,20 @@ class ChatRenderer:
             messages, tools=tools, chat_template=self.template, tokenize=False,
             add_generation_prompt=add_generation_prompt)
 
+    def _detect_closing_text(self) -> str:
+        """eos_token if the template writes it only at the very end of a conversation rendered without
+        a generation prompt (Phi-3 does). No turn owns it: it is cut from the prefix renderings, so such
+        a template is not mistaken for one that rewrites history, and it is never trained."""
+        eos = getattr(self.tokenizer, "eos_token", None)
+        user = {"role": "user", "content": _PROBE_USER}
+        try:
+            one = self.apply_template([user], None, False)
+            two = self.apply_template([user, {"role": "assistant", "content": _PROBE_ASSISTANT}], None, False)
+        except Exception:
+            return ""
+        closes = eos and not two.startswith(one) and one.endswith(eos) and two.endswith(eos)
+        return eos if closes and two.startswith(one[: -len(eos)]) else ""
+
     def _detect_end_of_turn(self) -> tuple[str, ...]:
         """What the template writes after an assistant message's content, minus trailing space."""
         found: list[str] = []
@@ -118,6 +137,7 @@ class ChatRenderer:
         try:
             head = self.apply_template([user], None, True)
             full = self.apply_template([user, {"role": "assistant", "content": _PROBE_ASSISTANT}], None, False)
+            full = full[: len(full) - len(self.closing_text)] if self.closing_text else full
             at = full.find(_PROBE_ASSISTANT, len(head) if full.startswith(head) else 0)
             if at >= 0 and full[at + len(_PROBE_ASSISTANT):].strip():
                 found.append(full[at + len(_PROBE_ASSISTANT):].strip())
@@ -139,7 +159,10 @@ class ChatRenderer:
         def prefix(k: int, gen: bool) -> str:
             key = (k, gen)
             if key not in memo or k > prompt_len:
-                memo[key] = self._apply(msgs[:k], conv, gen)
+                out = self._apply(msgs[:k], conv, gen)
+                if not gen and self.closing_text and out.endswith(self.closing_text):
+                    out = out[: -len(self.closing_text)]  # the conversation goes on: not closed here
+                memo[key] = out
             return memo[key]
 
         text = self._apply(msgs, conv, False)
@@ -198,7 +221,8 @@ class ChatRenderer:
         for k in cuts:
             bounds.append(self._prefix_end(prefix(k, False), text, conv.index, k))
         bounds.append(len(text))
-        last_trained = max((k for k in range(n) if trained[k]), default=-1)
+        # `end_of_turn="last"` means the last trained *assistant* turn, whatever trained message follows it
+        last_trained = max((k for k in range(n) if trained[k] and msgs[k]["role"] == "assistant"), default=-1)
         regions, segments = [], []
         for s, (first, start, end) in enumerate(zip([0] + cuts, bounds, bounds[1:])):
             last = cuts[s] if s < len(cuts) else n
@@ -209,27 +233,30 @@ class ChatRenderer:
                 regions.append((start, end, False, s))
                 continue
             if m.role == "assistant":
-                head_end = self._prefix_end(prefix(first, True), text, conv.index, first)
+                head_end = self._prefix_end(prefix(first, True), text, conv.index, first, "the generation prompt")
                 if head_end < start:
                     raise RecordError(conv.index, "generation prompt is shorter than the previous turns", first)
                 body_end = self._assistant_body_end(text, head_end, end, conv.index, first, first == last_trained)
             else:
-                head_end, body_end = self._content_span(text, start, end, m, conv.index, first)
+                head_end, body_end = self._content_span(text, start, end, m, conv, msgs, first)
             regions += [(start, head_end, False, s), (head_end, body_end, True, s), (body_end, end, False, s)]
         regions = [r for r in regions if r[1] > r[0]]
         return regions, segments
 
     @staticmethod
-    def _prefix_end(prefix_text: str, text: str, row: int, k: int) -> int:
+    def _prefix_end(prefix_text: str, text: str, row: int, k: int, what: str = "") -> int:
         if not text.startswith(prefix_text):
-            raise RecordError(row, "chat template is not prefix-stable: rendering the conversation up to here "
-                              "is not a prefix of the whole conversation (the template rewrites earlier turns; "
-                              "use a training template that keeps history, e.g. via `chat_template`)", k)
+            what = f"the conversation up to here + {what}" if what else "the conversation up to here"
+            raise RecordError(row, f"chat template is not prefix-stable: rendering {what} is not a prefix of the "
+                              "whole conversation (the template rewrites earlier turns; use a training template "
+                              "that keeps history, e.g. via `chat_template`)", k)
         return len(prefix_text)
 
     def _assistant_body_end(self, text, head_end, end, row, k, is_last):
         """End of what the policy emitted in this assistant turn: content + end-of-turn text."""
         chunk = text[head_end:end]
+        if end == len(text) and self.closing_text and chunk.endswith(self.closing_text):
+            chunk = chunk[: -len(self.closing_text)]  # the template's closing text is not this turn's
         best = -1, ""
         for eot in self.end_of_turn_texts:
             at = chunk.rfind(eot)
@@ -242,12 +269,15 @@ class ChatRenderer:
         train_eot = self.options.end_of_turn == "every" or (self.options.end_of_turn == "last" and is_last)
         return head_end + at + (len(eot) if train_eot else 0)
 
-    @staticmethod
-    def _content_span(text, start, end, m: Message, row, k):
-        """A non-assistant message forced into the loss: only its content characters are trained."""
-        at = text.find(m.content or "", start, end)
-        if not m.content or at < 0:
-            raise RecordError(row, "message has train: true but its content was not found verbatim in the "
+    def _content_span(self, text, start, end, m: Message, conv, msgs, k):
+        """A non-assistant message forced into the loss: only its content characters are trained.
+
+        The content is looked for where the template puts a probe in its place, not at the first
+        match in the segment: a content such as "user" also occurs in its own header."""
+        probe = self._apply(msgs[:k] + [{**msgs[k], "content": _PROBE_USER}], conv, False)
+        at = probe.find(_PROBE_USER, start)
+        if not m.content or at < 0 or not text.startswith(m.content, at) or at + len(m.content) > end:
+            raise RecordError(conv.index, "message has train: true but its content was not found verbatim in the "
                               "rendered template", k)
         return at, at + len(m.content)
 
@@ -285,8 +315,3 @@ class ChatRenderer:
                                   "template or the content merges across it", seg.messages[0])
         return first
 
-
-def render_chat_template_text(tokenizer, conv: Conversation, chat_template: str | None = None) -> str:
-    """Plain text of a conversation under a template (used by the inspector and tests)."""
-    return tokenizer.apply_chat_template([m.to_template() for m in conv.messages], tools=conv.tools,
-                                         chat_template=chat_template, tokenize=False)

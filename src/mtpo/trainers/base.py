@@ -18,20 +18,28 @@ from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
 from mtpo.logprobs import sequence_logps
+from mtpo.trainers import parallel
 
 
 class MTPOTrainer(Trainer):
+    # A logged metric whose global value *is* the evaluation loss, reported as eval_loss instead of
+    # Trainer's average of per-batch losses — which, for a per-token mean (SFT), depends on how the
+    # examples fall into batches and so on the number of processes.
+    eval_loss_metric: str | None = None
+
     def __init__(self, *args, ref_model=None, data_report: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         # Our losses are already means over the batch: let Trainer divide by the number of
         # accumulation steps itself (it would not if it thought the model normalised the loss).
         self.model_accepts_loss_kwargs = False
         self.loss_is_scaled_for_ga = False
-        self.ref_model = ref_model
-        if ref_model is not None:
-            ref_model.eval().requires_grad_(False)
-            if not (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-                self.ref_model = ref_model.to(self.args.device)
+        parallel.check_supported(self.accelerator)
+        # Replicated (DDP), a DeepSpeed inference engine (ZeRO-3: partitioned) or FSDP2-sharded.
+        self.ref_model = parallel.prepare_reference(ref_model, self.accelerator, self.args.device)
+        # True while this process evaluates a batch made only of accelerate's padding duplicates
+        # (the last eval batch with several processes): it still runs, for the collectives, but its
+        # metrics weigh 0 and batch-level statistics (KTO's z0) must leave its rows out.
+        self.padding_batch = False
         self.data_report = data_report or {}
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
                                                                  "eval": defaultdict(lambda: [0.0, 0.0])}
@@ -39,8 +47,12 @@ class MTPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ log-probs
     def policy_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        return sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["trainable"],
-                              chunk_size=self.args.logprob_chunk_size)
+        # accelerate's mixed precision autocasts the model's forward only and returns its outputs in
+        # float32; the LM head runs after it, so it needs the same autocast (else a bf16 head meets
+        # float32 hidden states, or the head runs in float32 unlike the model's own).
+        with self.accelerator.autocast():
+            return sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["trainable"],
+                                  chunk_size=self.args.logprob_chunk_size)
 
     @torch.no_grad()
     def reference_logps(self, model, inputs) -> torch.Tensor:
@@ -48,7 +60,9 @@ class MTPOTrainer(Trainer):
         if "ref_logps" in inputs:
             return inputs["ref_logps"]
         if self.ref_model is not None:
-            return self.policy_logps(self.ref_model, inputs)[0]
+            logps = self.policy_logps(self.ref_model, inputs)[0]
+            parallel.reshard(self.ref_model)  # FSDP2: free the gathered weights until the next use
+            return logps
         unwrapped = self.accelerator.unwrap_model(model)
         if hasattr(unwrapped, "disable_adapter"):
             with unwrapped.disable_adapter():
@@ -62,6 +76,11 @@ class MTPOTrainer(Trainer):
         `layout` says how a batch's log-probs map to examples (`width`, `per_example`, `store`)."""
         if dataset is None or len(dataset) == 0:
             return
+        if self.ref_model is None and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            # Before train() the policy is not wrapped yet: on CPU (ZeRO-1/2, FSDP) or partitioned
+            # (ZeRO-3). `setup.load_models` loads a separate reference for this case.
+            raise RuntimeError("precomputing reference log-probs under DeepSpeed/FSDP needs a reference model "
+                               "(ref_model=...), prepared for inference by MTPOTrainer")
         loader = DataLoader(dataset, batch_size=self.args.per_device_eval_batch_size, shuffle=False,
                             collate_fn=self.data_collator)
         loader = self.accelerator.prepare(loader)
@@ -79,15 +98,29 @@ class MTPOTrainer(Trainer):
         for example in dataset.items:
             layout.store(example, results[example.position])
 
+    def precompute_references(self, layout) -> None:
+        """`precompute_reference` for the train and eval sets, then free the reference model."""
+        self.precompute_reference(self.train_dataset, layout)
+        self.precompute_reference(self.eval_dataset, layout)
+        self.ref_model = None  # no reference model in memory while training
+
     # ------------------------------------------------------------------ metrics
-    def store_metrics(self, metrics: dict[str, torch.Tensor], mode: str) -> None:
-        """Accumulate per-row values; the mean logged later is over every row on every process."""
+    def store_metrics(self, metrics: dict[str, torch.Tensor | tuple[torch.Tensor, torch.Tensor]], mode: str) -> None:
+        """Accumulate per-row values; the mean logged later is over every row on every process.
+
+        A value is a tensor of per-row values (logged: their mean) or a pair (numerators,
+        denominators) of per-row tensors (logged: Σ numerators / Σ denominators, e.g. a per-token
+        mean). Sums and counts are all-reduced, so the logged value is the global one.
+        """
         if not metrics:
             return
         names = list(metrics)
-        sums = torch.stack([metrics[n].detach().float().sum() for n in names])
-        counts = torch.tensor([float(metrics[n].numel()) for n in names], device=sums.device)
-        totals = self.accelerator.reduce(torch.stack([sums, counts.to(sums.device)]), reduction="sum")
+        parts = [metrics[n] if isinstance(metrics[n], tuple) else (metrics[n], None) for n in names]
+        sums = torch.stack([num.detach().float().sum() for num, _ in parts])
+        counts = torch.stack([den.detach().float().sum().to(sums.device) if den is not None
+                              else torch.tensor(float(num.numel()), device=sums.device) for num, den in parts])
+        weight = 0.0 if self.padding_batch else 1.0
+        totals = self.accelerator.reduce(torch.stack([sums, counts]) * weight, reduction="sum")
         for name, (s, c) in zip(names, totals.T.tolist()):
             acc = self._metric_sums[mode][name]
             acc[0] += s
@@ -100,14 +133,27 @@ class MTPOTrainer(Trainer):
             if c:
                 logs[prefix + name] = s / c
         self._metric_sums[mode].clear()
+        if mode == "eval" and self.eval_loss_metric and f"eval_{self.eval_loss_metric}" in logs:
+            logs["eval_loss"] = logs[f"eval_{self.eval_loss_metric}"]
         if mode == "train" and self.data_report:
             logs["data/rows_skipped"] = self.data_report.get("skipped", 0)
         super().log(logs, start_time)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs, mode="eval")
+        # Drop accelerate's padding duplicates (last batch, several processes) so every example counts
+        # once; a process with nothing but duplicates still runs (collectives) with weight 0. Its loss
+        # is then dropped by Trainer's gather_for_metrics, which cuts the same rows by position.
+        n = parallel.batch_examples(inputs)
+        keep = parallel.real_rows(self.accelerator, n)
+        if 0 < keep < n:
+            inputs = parallel.first_examples(inputs, n, keep)
+        self.padding_batch = keep == 0
+        try:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, mode="eval")
+        finally:
+            self.padding_batch = False
         return loss.detach(), None, None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None, mode=None):

@@ -16,27 +16,23 @@ import torch
 
 from mtpo import losses as L
 from mtpo.collate import ListDataset, PairCollator, split_pair
-from mtpo.config import ConfigError, MTPOConfig
+from mtpo.config import ConfigError, ReferenceConfig
 from mtpo.prepare import prepare_pairs
 from mtpo.render import ChatRenderer
-from mtpo.trainers.base import MTPOTrainer, disable_dropout
-from mtpo.trainers.setup import (apply_peft, finish, load_causal_lm, load_examples, load_tokenizer,
-                                 resolve_resume, run_cli)
+from mtpo.trainers.base import MTPOTrainer
+from mtpo.trainers.setup import finish, load_examples, load_models, load_tokenizer, resolve_resume, run_cli
 
 
 @dataclass
-class DPOConfig(MTPOConfig):
+class DPOConfig(ReferenceConfig):
     """`mtpo dpo` options. Names follow TRL's DPOConfig where the meaning is the same."""
 
     beta: float = field(default=0.1, metadata={"help": "Strength of the KL regularisation (β)."})
     loss_type: str = field(default="sigmoid", metadata={"help": f"One of {sorted(L.PREFERENCE_LOSSES)}."})
     label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO (sigmoid only): label noise ε."})
     margin: float = field(default=L.DEFAULT_MARGIN, metadata={"help": "Per-row margin for margin-aware losses when a row has no `margin`."})
-    nll_coef: float = field(default=0.0, metadata={"help": "Weight of the NLL term on chosen trajectories (RPO)."})
-    length_penalty: float = field(default=0.0, metadata={"help": "α in logπ − α·(trainable tokens), per side."})
-    ref_model_name_or_path: str | None = field(default=None, metadata={"help": "Reference (default: policy's start)."})
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute reference log-probs once, before training."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in policy and reference."})
+    nll_coef: float = field(default=0.0, metadata={"help": "Weight of the per-token NLL of chosen trajectories, mean over pairs (RPO)."})
+    length_penalty: float = field(default=0.0, metadata={"help": "α: policy log-probs pay α per trainable token, Δ − α(|w| − |l|)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -48,8 +44,6 @@ class DPOConfig(MTPOConfig):
             raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type != "sigmoid":
             raise ConfigError("label_smoothing only applies to loss_type: sigmoid")
-        if self.use_peft and self.ref_model_name_or_path:
-            raise ConfigError("with use_peft the reference is the adapter-disabled policy; drop ref_model_name_or_path")
 
 
 class PairRefLayout:
@@ -71,23 +65,27 @@ class DPOTrainer(MTPOTrainer):
 
     def loss_and_metrics(self, model, inputs):
         args = self.args
-        raw_logps, counts = self.policy_logps(model, inputs)  # (2B,), (2B,) stacked [chosen; rejected]
+        logps, counts = self.policy_logps(model, inputs)  # (2B,), (2B,) stacked [chosen; rejected]
         ref_logps = self.reference_logps(model, inputs)
-        logps = raw_logps
-        if args.length_penalty:
-            logps = L.length_penalty(logps, counts, alpha=args.length_penalty)
-            ref_logps = L.length_penalty(ref_logps, counts, alpha=args.length_penalty)
         chosen, rejected = split_pair(logps)
         ref_chosen, ref_rejected = split_pair(ref_logps)
         chosen_counts, rejected_counts = split_pair(counts)
-        losses, chosen_rewards, rejected_rewards = L.preference_loss(
-            args.loss_type, chosen, rejected, ref_chosen, ref_rejected, beta=args.beta,
+        # The length penalty charges the *policy* only: Δ − α(|w| − |l|), as in the original code.
+        # (Charging the reference too would cancel it exactly.) Rewards stay β·(logπ − logπ_ref).
+        penalized = [L.length_penalty(x, n, alpha=args.length_penalty) if args.length_penalty else x
+                     for x, n in ((chosen, chosen_counts), (rejected, rejected_counts))]
+        losses, _, _ = L.preference_loss(
+            args.loss_type, *penalized, ref_chosen, ref_rejected, beta=args.beta,
             label_smoothing=args.label_smoothing,
             margin=inputs["margin"] if L.PREFERENCE_LOSSES[args.loss_type].needs_margin else None)
+        chosen_rewards = args.beta * (chosen - ref_chosen).detach()  # (B,)
+        rejected_rewards = args.beta * (rejected - ref_rejected).detach()  # (B,)
+        # NLL per token of each chosen trajectory, then a mean over pairs (like the preference loss),
+        # so that gradient accumulation and data parallelism give the same gradient as one big batch.
+        nll = -chosen / chosen_counts.clamp(min=1)  # (B,)
         loss = losses.mean()
-        nll = L.nll_loss(split_pair(raw_logps)[0], chosen_counts)
         if args.nll_coef:
-            loss = loss + args.nll_coef * nll
+            loss = loss + args.nll_coef * nll.mean()
         metrics = {
             "rewards/chosen": chosen_rewards, "rewards/rejected": rejected_rewards,
             "rewards/margins": chosen_rewards - rejected_rewards,
@@ -107,15 +105,7 @@ def train_dpo(config: DPOConfig) -> dict:
     train_examples, train_report = load_examples(config, renderer, prepare_pairs, "train")
     eval_examples, eval_report = load_examples(config, renderer, prepare_pairs, "eval")
 
-    model = load_causal_lm(config.model_name_or_path, config)
-    ref_model = None
-    if not config.use_peft and not (config.precompute_ref_log_probs and not config.ref_model_name_or_path):
-        ref_model = load_causal_lm(config.ref_model_name_or_path or config.model_name_or_path, config)
-    model = apply_peft(model, config)
-    if config.disable_dropout:
-        for m in (model, ref_model):
-            if m is not None:
-                disable_dropout(m)
+    model, ref_model = load_models(config)
 
     train_ds = ListDataset(train_examples)
     eval_ds = ListDataset(eval_examples) if eval_examples else None
@@ -123,10 +113,9 @@ def train_dpo(config: DPOConfig) -> dict:
                          processing_class=tokenizer, ref_model=ref_model,
                          data_collator=PairCollator(tokenizer.pad_token_id, config.margin),
                          data_report=train_report.to_dict())
+    del ref_model  # the trainer holds it; without this name `precompute_references` can free it
     if config.precompute_ref_log_probs:
-        trainer.precompute_reference(train_ds, PairRefLayout)
-        trainer.precompute_reference(eval_ds, PairRefLayout)
-        trainer.ref_model = None  # no reference model in memory while training
+        trainer.precompute_references(PairRefLayout)
     trainer.train(resume_from_checkpoint=resolve_resume(config))
     return finish(trainer, config, {"train": train_report, "eval": eval_report}, started)
 

@@ -22,6 +22,8 @@ from mtpo.config import ConfigError, MTPOConfig, load_config, save_config
 from mtpo.data import RecordError, load_rows
 from mtpo.prepare import SkipReport
 from mtpo.render import ChatRenderer
+from mtpo.trainers.base import disable_dropout
+from mtpo.trainers.parallel import uses_deepspeed_or_fsdp
 
 logger = logging.getLogger("mtpo")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -63,6 +65,31 @@ def apply_peft(model, config: MTPOConfig):
     lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=targets[0] if targets == ["all-linear"] else targets, task_type="CAUSAL_LM")
     return get_peft_model(model, lora)
+
+
+def load_models(config: MTPOConfig, reference: bool = True):
+    """Policy (+ LoRA when `use_peft`) and, if `reference`, the frozen reference model or None.
+
+    No separate reference is loaded when the adapter-disabled policy is the reference (`use_peft`) or
+    when reference log-probs are precomputed from the policy itself (`precompute_ref_log_probs` with
+    no `ref_model_name_or_path`) — except under DeepSpeed/FSDP, where the policy is not wrapped yet
+    when the reference log-probs are precomputed (before `train()`): a separate copy of the initial
+    weights is loaded, prepared for inference, used once and freed. Dropout is turned off in both
+    when `disable_dropout` is set.
+    """
+    model = load_causal_lm(config.model_name_or_path, config)
+    ref_model = None
+    ref_name = getattr(config, "ref_model_name_or_path", None)
+    precompute = getattr(config, "precompute_ref_log_probs", False)
+    separate = not config.use_peft and not (precompute and not ref_name)
+    if reference and (separate or (precompute and uses_deepspeed_or_fsdp(config))):
+        ref_model = load_causal_lm(ref_name or config.model_name_or_path, config)
+    model = apply_peft(model, config)
+    if getattr(config, "disable_dropout", False):
+        for m in (model, ref_model):
+            if m is not None:
+                disable_dropout(m)
+    return model, ref_model
 
 
 def load_examples(config: MTPOConfig, renderer: ChatRenderer, prepare: Callable, split: str):
