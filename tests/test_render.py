@@ -16,6 +16,8 @@ And for Mistral: mistral-common's reference encoder (ids and per-message segment
 from __future__ import annotations
 
 import numpy as np
+import re
+
 import pytest
 
 from mtpo.data import RecordError, parse_conversation, parse_labeled, parse_pair
@@ -660,10 +662,10 @@ RAW = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% if m['role'] 
 
 
 def test_duplicated_bos(llama3_tok):
-    msgs = [{"role": "user", "content": "<|begin_of_text|>" + Q}, {"role": "assistant", "content": " 5"}]
+    msgs = [{"role": "user", "content": Q}, {"role": "assistant", "content": " 5"}]
+    twice = "{{ bos_token }}" + RAW  # a template (or a system prompt baked into one) writing BOS again
     with pytest.raises(RecordError, match=r"^row 6: duplicated BOS"):
-        renderer(llama3_tok, RAW).render(conv(msgs, row=6))
-    msgs[0]["content"] = Q
+        renderer(llama3_tok, twice).render(conv(msgs, row=6))
     r = renderer(llama3_tok, RAW).render(conv(msgs))
     assert r.input_ids.tolist().count(llama3_tok.bos_token_id) == 1
     assert trained_texts(llama3_tok, r) == [" 5<|eot_id|>"]
@@ -732,3 +734,12 @@ def test_options_and_constructor_validation(llama3_tok, template):
         ChatRenderer(llama3_tok)  # the bare tokenizer.json has none
     assert RenderOptions(end_of_turn_text="</s>").end_of_turn_text == ("</s>",)
     assert ChatRenderer(llama3_tok, RenderOptions(chat_template=template("llama3"))).end_of_turn_texts == ("<|eot_id|>",)
+
+
+@pytest.mark.parametrize("token", ["<|begin_of_text|>", "<|eot_id|>"])
+def test_special_token_text_inside_content_is_refused(llama3_tok, token):
+    # a tool output that prints a control token's text would be tokenized as that control token
+    msgs = [{"role": "user", "content": Q}, {"role": "assistant", "content": "```python\nprint(1)\n```"},
+            {"role": "user", "content": f"```output\n{token}\n```"}, {"role": "assistant", "content": "5"}]
+    with pytest.raises(RecordError, match=rf"^row 8, message 2: content contains the special token '{re.escape(token)}'"):
+        renderer(llama3_tok, RAW).render(conv(msgs, row=8))

@@ -21,6 +21,7 @@ How it works (no hard-coded token ids anywhere):
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass, field, replace
 
@@ -105,6 +106,7 @@ class ChatRenderer:
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError("mtpo needs a fast (Rust) tokenizer for character offsets; load it with use_fast=True")
         self.bos_token_id = tokenizer.bos_token_id
+        self._special_re = _special_token_pattern(tokenizer)
         self.closing_text = self._detect_closing_text()
         self.end_of_turn_texts = self.options.end_of_turn_text or self._detect_end_of_turn()
 
@@ -154,6 +156,7 @@ class ChatRenderer:
         forced there so the prompt's tokens can be compared across the two sides of a pair)."""
         msgs = [m.to_template() for m in conv.messages]
         trained = [self._is_trained(m) for m in conv.messages]
+        self._check_no_control_tokens(conv)
         memo = {} if _memo is None else _memo
 
         def prefix(k: int, gen: bool) -> str:
@@ -204,6 +207,17 @@ class ChatRenderer:
             raise
 
     # ---------------------------------------------------------------- steps
+    def _check_no_control_tokens(self, conv: Conversation) -> None:
+        """A special token's text inside content (a tool output printing `<|im_end|>`, HTML `<s>`) would
+        be tokenized as a control token and silently end turns or split masks: refuse it."""
+        if self._special_re is None:
+            return
+        for k, m in enumerate(conv.messages):
+            hit = self._special_re.search(m.content or "")
+            if hit:
+                raise RecordError(conv.index, f"content contains the special token {hit.group(0)!r}, which the "
+                                  "tokenizer would read as a control token; escape or remove it", k)
+
     def _is_trained(self, m: Message) -> bool:
         return m.train if m.train is not None else m.role in self.options.trainable_roles
 
@@ -315,3 +329,11 @@ class ChatRenderer:
                                   "template or the content merges across it", seg.messages[0])
         return first
 
+
+def _special_token_pattern(tokenizer) -> "re.Pattern | None":
+    """Regex matching the text of any special (control) token of the tokenizer."""
+    specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
+    decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    specials |= {t.content for t in decoder.values() if getattr(t, "special", False)}
+    specials = sorted((t for t in specials if t), key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, specials))) if specials else None
