@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -128,21 +129,26 @@ def build_mtpo(args, policy, ref, rows, out_dir):
 
 
 def build_mtpo_kto(args, policy, ref, rows, common, extra):
-    """mtpo's KTOTrainer on the same rows; its KL baseline uses mismatched pairs within the batch."""
-    from mtpo.collate import ListDataset
-    from mtpo.data import LabeledTrajectory
+    """mtpo's KTOTrainer on the same rows. Each example's KL pair (prompt i + another completion) is the
+    one TRL builds (completions rotated by +1 within each batch), so z0 is computed from the same data."""
+    from mtpo.collate import LabeledCollator, ListDataset
     from mtpo.prepare import LabeledExample
-    from mtpo.trainers import kto
+    from mtpo.trainers.kto import KTOConfig, KTOTrainer
 
+    b = args.kto_batch
     examples = []
     for i, r in enumerate(rows):
         p = len(r["prompt_ids"])
-        rendered = mtpo_rendered(r["prompt_ids"] + r["completion_ids"], p, args.multiturn, i)
-        examples.append(LabeledExample(rendered, bool(r["label"]), i, None, position=i))
-    common = {**common, "per_device_train_batch_size": args.kto_batch}
-    config = kto.KTOConfig(**common, **extra, beta=args.beta, precompute_ref_log_probs=False, disable_dropout=True)
-    return kto.KTOTrainer(model=policy, args=config, train_dataset=ListDataset(examples), ref_model=ref,
-                          data_collator=kto.LabeledCollator(pad_token_id=0))
+        partner = rows[(i // b) * b + (i - 1) % b] if b > 1 else r
+        example = LabeledExample(mtpo_rendered(r["prompt_ids"] + r["completion_ids"], p, args.multiturn, i),
+                                 bool(r["label"]), i, None, position=i)
+        example.kl = mtpo_rendered(r["prompt_ids"] + partner["completion_ids"], p, args.multiturn, i)
+        examples.append(example)
+    common = {**common, "per_device_train_batch_size": b}
+    config = KTOConfig(**common, **extra, beta=args.beta, desirable_weight=1.0, undesirable_weight=1.0,
+                       precompute_ref_log_probs=False, disable_dropout=True)
+    return KTOTrainer(model=policy, args=config, train_dataset=ListDataset(examples), ref_model=ref,
+                      data_collator=LabeledCollator(pad_token_id=0))
 
 
 def build_trl(args, policy, ref, rows, out_dir):
@@ -153,7 +159,7 @@ def build_trl(args, policy, ref, rows, out_dir):
     tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(bl.REPO / "examples/tiny-model/tokenizer.json"))
     tokenizer.pad_token = tokenizer.convert_ids_to_tokens(0)
     common = common_args(args, out_dir)
-    no_extras = dict(max_length=None, pad_to_multiple_of=None, padding_free=False, precompute_ref_log_probs=False,
+    no_extras = dict(max_length=None, pad_to_multiple_of=None, precompute_ref_log_probs=False,
                      use_liger_kernel=False, activation_offloading=False, sync_ref_model=False,
                      disable_dropout=True, dataset_num_proc=None, beta=args.beta)
     if args.algo == "dpo":
@@ -163,7 +169,7 @@ def build_trl(args, policy, ref, rows, out_dir):
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 return dataset  # already {prompt_ids, chosen_ids, rejected_ids}: what TRL's map would produce
 
-        config = DPOConfig(**common, **no_extras, loss_type=["sigmoid"], use_weighting=False, ld_alpha=None,
+        config = DPOConfig(**common, **no_extras, padding_free=False, loss_type=["sigmoid"], use_weighting=False, ld_alpha=None,
                            f_divergence_type="reverse_kl", label_smoothing=0.0)
         return PreTokenizedDPOTrainer(model=policy, ref_model=ref, args=config, processing_class=tokenizer,
                                       train_dataset=datasets.Dataset.from_list(rows))
@@ -203,6 +209,7 @@ def worker(args) -> dict:
     rows = make_rows(args, np.random.default_rng(args.seed))
     probe = bl.MemoryProbe(device)
     times: list[float] = []
+    cpu_times: list[float] = []  # process CPU seconds (all threads): less sensitive to a busy machine
 
     class StepTimer(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -210,11 +217,12 @@ def worker(args) -> dict:
 
         def on_step_begin(self, *a, **k):
             probe.sync()
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_step_end(self, *a, **k):
             probe.sync()
             times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.c0)
 
     with tempfile.TemporaryDirectory() as out_dir:
         build = build_mtpo if args.lib == "mtpo" else build_trl
@@ -228,6 +236,7 @@ def worker(args) -> dict:
         "lib": args.lib, "algo": args.algo, "data": "multi-turn" if args.multiturn else "single-turn",
         "vocab": args.vocab, "seq": args.seq, "device": str(device), "dtype": args.dtype,
         "step_s": statistics.median(timed), "step_s_all": [round(t, 4) for t in times],
+        "step_cpu_s": statistics.median(cpu_times[args.warmup:]), "loadavg_1min": os.getloadavg()[0],
         "peak_mib": round(peak, 1), "baseline_mib": round(probe.baseline_mib, 1),
         "step_delta_mib": round(peak - probe.baseline_mib, 1),
         "first_loss": first.get("loss"), "first_logps_chosen": first.get("logps/chosen"),

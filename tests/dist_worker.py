@@ -95,8 +95,12 @@ def _train_fn(trainer: str):
 
 
 def run_job(job: dict, expected_world: int, observer: Observer) -> dict:
-    from mtpo.config import build_config
+    from mtpo.config import MTPOConfig, build_config
 
+    if job["trainer"] == "probe":  # only start the processes and report what they see
+        config = build_config(MTPOConfig, dict(job["config"]))
+        return {"world_size": _world_size(), "trainer_world_size": config.world_size, "rank": config.process_index,
+                "mixed_precision": config.mixed_precision}
     config_cls, train = _train_fn(job["trainer"])
     config = build_config(config_cls, dict(job["config"]))
     if config.world_size != expected_world:

@@ -315,3 +315,314 @@ def test_kto_kl_baseline_is_global_and_identical_on_every_process(single, multi)
     assert rank0["kl_baselines"] == rank1["kl_baselines"]
     assert rank0["kl_baselines"] == pytest.approx(one["kl_baselines"], rel=RTOL, abs=LOGPS_ATOL)
     assert any(z > 0 for z in one["kl_baselines"]), "z0 clamped to 0 at every step: the comparison is vacuous"
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+def _probe(tmp, launcher: list[str], name: str) -> subprocess.CompletedProcess:
+    """Start `launcher + [worker, spec]` with a job that only reports the world size each process sees."""
+    job = {"name": name, "trainer": "probe", "result": str(tmp / name),
+           "config": {"output_dir": str(tmp / f"out-{name}"), "use_cpu": True, "report_to": "none"}}
+    spec = tmp / f"{name}.spec.json"
+    spec.write_text(json.dumps({"world_size": 2, "jobs": [job]}))
+    return subprocess.run(launcher + [WORKER, str(spec)], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+
+
+def test_shipped_ddp_config_launches_two_processes(tmp_path):
+    """`accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2` (use_cpu in the mtpo
+    config selects gloo) really starts two processes that see each other."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                os.path.join(ROOT, "configs", "accelerate", "ddp.yaml"), "--num_processes", "2",
+                "--mixed_precision", "no", "--main_process_port", str(_free_port())]
+    proc = _probe(tmp_path, launcher, "ddp-probe")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"ddp-probe.rank{rank}.json").read_text())
+        assert (result["world_size"], result["trainer_world_size"], result["rank"]) == (2, 2, rank)
+
+
+def test_accelerate_cpu_flag_never_passes_silently_with_one_process(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts ONE process (accelerate's simple launcher);
+    the worker's world-size check turns that into a failure instead of a 1-process 'pass'."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--main_process_port", str(_free_port())]
+    proc = _probe(tmp_path, launcher, "cpu-probe")
+    if proc.returncode == 0:  # a future accelerate that does start two processes is fine too
+        for rank in (0, 1):
+            assert json.loads((tmp_path / f"cpu-probe.rank{rank}.json").read_text())["world_size"] == 2
+    else:
+        assert "world size 1, expected 2" in proc.stderr + proc.stdout
+
+
+# ------------------------------------------------------------------------------------------ FSDP2
+
+
+def _launch_env(config_name: str) -> dict[str, str]:
+    """The environment `accelerate launch --config_file configs/accelerate/<name>.yaml` gives its processes."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env, prepare_simple_launcher_cmd_env
+
+    path = os.path.join(ROOT, "configs", "accelerate", f"{config_name}.yaml")
+    args = launch_command_parser().parse_args(["--config_file", path, "--main_process_port", "0", "train.py"])
+    args, defaults, mixed_precision_from_config = _validate_launch_command(args)
+    if args.use_deepspeed:  # what launch_command adds before calling the DeepSpeed launcher
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mixed_precision_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)
+        return prepare_deepspeed_cmd_env(args)[1]
+    if args.use_fsdp or args.multi_gpu:
+        return prepare_multi_gpu_env(args)
+    return prepare_simple_launcher_cmd_env(args)[1]
+
+
+def test_fsdp2_log_probs_and_gradients_are_exact(tmp_path):
+    """Under FSDP2 as accelerate shards a model (configs/accelerate/fsdp2.yaml → fsdp2_prepare_model),
+    calling the LM head outside the root forward gives the unsharded model's log-probs and gradients;
+    the FSDP2 reference (RAM-efficient loading) matches too; a head left in a root unit that reshards
+    after forward raises mtpo's clear error."""
+    env = _env()
+    env.update({k: v for k, v in _launch_env("fsdp2").items() if k.startswith("FSDP_") or k == "ACCELERATE_USE_FSDP"})
+    env.pop("ACCELERATE_USE_FSDP", None)  # FSDP is driven by the worker itself (accelerate enables it on GPUs only)
+    out = tmp_path / "fsdp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), os.path.join(HERE, "fsdp_worker.py"), str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    for rank in (0, 1):
+        result = json.loads((tmp_path / f"fsdp.rank{rank}.json").read_text())
+        assert result["policy_logps_err"] < 1e-4  # log-prob sums ~ -100
+        assert result["policy_grad_err"] < 1e-5
+        assert result["reference_err"] < 1e-4
+        assert result["root_only_error"] and "not an FSDP unit of its own" in result["root_only_error"]
+
+
+# ------------------------------------------------------------------------------------------ shipped configs
+
+CONFIG_NAMES = ("single", "ddp", "zero2", "zero3", "fsdp2")
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_accelerate_config_names_only_known_options(name):
+    """Parses as YAML, loads as accelerate's ClusterConfig (which rejects unknown top-level keys), and
+    every nested deepspeed_config / fsdp_config key is an option `accelerate launch` knows (unknown
+    nested keys would be silently ignored by the launcher)."""
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    path = os.path.join(ROOT, "configs", "accelerate", f"{name}.yaml")
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    assert isinstance(load_config_from_file(path), ClusterConfig)
+    options = {action.dest for action in launch_command_parser()._actions}
+    for key in raw.get("deepspeed_config", {}):
+        assert key in options, f"{name}: deepspeed_config.{key} is not an accelerate launch option"
+    for key in raw.get("fsdp_config", {}):
+        assert (key if key.startswith("fsdp_") else f"fsdp_{key}") in options, f"{name}: fsdp_config.{key} unknown"
+    ds_file = raw.get("deepspeed_config", {}).get("deepspeed_config_file")
+    if ds_file:
+        assert os.path.isfile(os.path.join(ROOT, ds_file)), ds_file
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_accelerate_config_builds_the_intended_plugin(name, monkeypatch):
+    """The launcher's environment for each file builds accelerate's plugin with the settings we rely on
+    (no DeepSpeed install needed for this): ZeRO-3 partitions at load and saves gathered 16-bit weights,
+    FSDP2 saves a full state dict."""
+    from accelerate.utils import DeepSpeedPlugin, FullyShardedDataParallelPlugin
+
+    env = _launch_env(name)
+    for key in [k for k in os.environ if k.startswith(("ACCELERATE_", "FSDP_"))]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        if key.startswith(("ACCELERATE_", "FSDP_")):
+            monkeypatch.setenv(key, value)
+    if name in ("single", "ddp"):
+        assert "ACCELERATE_USE_DEEPSPEED" not in env and "ACCELERATE_USE_FSDP" not in env
+        assert env["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    elif name.startswith("zero"):
+        plugin = DeepSpeedPlugin()
+        stage = int(name[-1])
+        assert plugin.zero_stage == stage and plugin.deepspeed_config["zero_optimization"]["stage"] == stage
+        assert plugin.zero3_init_flag == (stage == 3)
+        if stage == 3:
+            assert plugin.deepspeed_config["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    else:
+        plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2
+        assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+        assert plugin.reshard_after_forward is True and plugin.cpu_ram_efficient_loading is True
+
+
+# DeepSpeed config keys, from DeepSpeed's own sources (found with the code search; DeepSpeed need not be
+# installed): deepspeed/runtime/constants.py and docs/_pages/config-json.md (top level),
+# deepspeed/runtime/zero/config.py (DeepSpeedZeroConfig fields and their aliases),
+# deepspeed/runtime/zero/offload_config.py (offload_param / offload_optimizer).
+DS_TOP_LEVEL = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer", "scheduler",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "gradient_clipping", "bf16", "bfloat16", "fp16",
+    "amp", "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "sparse_gradients",
+    "prescale_gradients", "gradient_predivide_factor", "communication_data_type", "fp32_allreduce", "dump_state",
+    "checkpoint", "data_types", "dataloader_drop_last", "activation_checkpointing", "flops_profiler", "tensorboard",
+    "wandb", "csv_monitor", "comms_logger", "graph_harvesting", "disable_allgather", "vocabulary_size",
+}
+DS_ZERO = {
+    "stage", "contiguous_gradients", "reduce_scatter", "reduce_bucket_size", "use_multi_rank_bucket_allreduce",
+    "allgather_partitions", "allgather_bucket_size", "overlap_comm", "load_from_fp32_weights", "elastic_checkpoint",
+    "offload_param", "offload_optimizer", "sub_group_size", "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold", "stage3_model_persistence_threshold", "stage3_max_live_parameters",
+    "stage3_max_reuse_distance", "stage3_gather_16bit_weights_on_model_save", "stage3_module_granularity_threshold",
+    "stage3_use_all_reduce_for_fetch_params", "ignore_unused_parameters", "round_robin_gradients",
+    "zero_hpz_partition_size", "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+    "zero_quantized_gradients", "mics_shard_size", "mics_hierarchical_params_gather", "memory_efficient_linear",
+    "override_module_apply", "log_trace_cache_warnings",
+}
+DS_OFFLOAD = {"device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu", "pin_memory", "pipeline_read",
+              "pipeline_write", "fast_init", "ratio"}
+DS_PRECISION = {"enabled", "auto_cast", "loss_scale", "initial_scale_power", "loss_scale_window", "hysteresis",
+                "consecutive_hysteresis", "min_loss_scale", "fused_mode", "immediate_grad_update"}
+# The "auto" values transformers fills from TrainingArguments (transformers/integrations/deepspeed.py:
+# trainer_config_process / trainer_config_finalize); "auto" anywhere else would reach DeepSpeed as is.
+DS_AUTO_FILLED = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                  "gradient_clipping", "bf16.enabled", "fp16.enabled", "zero_optimization.reduce_bucket_size",
+                  "zero_optimization.stage3_prefetch_bucket_size",
+                  "zero_optimization.stage3_param_persistence_threshold"}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ("zero2", "zero3"))
+def test_deepspeed_json_names_only_documented_keys(name):
+    with open(os.path.join(ROOT, "configs", "deepspeed", f"{name}.json"), encoding="utf-8") as f:
+        config = json.load(f)
+    assert set(config) <= DS_TOP_LEVEL, set(config) - DS_TOP_LEVEL
+    zero = config["zero_optimization"]
+    assert set(zero) <= DS_ZERO, set(zero) - DS_ZERO
+    for key in ("offload_param", "offload_optimizer"):
+        assert set(zero.get(key, {})) <= DS_OFFLOAD
+    for key in ("bf16", "fp16"):
+        assert set(config.get(key, {})) <= DS_PRECISION
+    assert zero["stage"] == int(name[-1])
+    assert "optimizer" not in config and "scheduler" not in config  # Trainer's AdamW + schedule, as configured
+    autos = {k for k, v in _flatten(config).items() if v == "auto"}
+    assert autos <= DS_AUTO_FILLED, autos - DS_AUTO_FILLED
+    if name == "zero3":
+        assert zero["stage3_gather_16bit_weights_on_model_save"] is True
+
+
+# ------------------------------------------------------------------------------------------ units
+
+
+def test_deepspeed_reference_gets_an_inference_engine(monkeypatch):
+    """The frozen reference is `deepspeed.initialize`d without optimizer/scheduler: ZeRO-3 stays ZeRO-3 with
+    the bucket sizes transformers would fill (nothing "auto" left); ZeRO-1/2 become a stage-0 replica."""
+    import types as pytypes
+
+    from mtpo.trainers.parallel import prepare_reference
+
+    seen = []
+
+    class Engine:
+        def eval(self):
+            seen.append("eval")
+
+    def initialize(model=None, config=None):
+        seen.append(config)
+        return Engine(), None, None, None
+
+    monkeypatch.setitem(sys.modules, "deepspeed", pytypes.SimpleNamespace(initialize=initialize))
+    model = torch.nn.Linear(4, 4)
+    model.config = pytypes.SimpleNamespace(hidden_size=64)
+    for stage in (2, 3):
+        with open(os.path.join(ROOT, "configs", "deepspeed", f"zero{stage}.json"), encoding="utf-8") as f:
+            config = json.load(f)
+        config.update(optimizer={"type": "AdamW"}, scheduler={"type": "WarmupLR"}, train_batch_size=8,
+                      train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1)
+        config["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        state = pytypes.SimpleNamespace(deepspeed_plugin=pytypes.SimpleNamespace(deepspeed_config=config))
+        seen.clear()
+        prepare_reference(model, pytypes.SimpleNamespace(state=state), "cpu")
+        built, _ = seen
+        assert "optimizer" not in built and "scheduler" not in built
+        assert "offload_optimizer" not in built["zero_optimization"]
+        assert '"auto"' not in json.dumps(built)
+        assert config["optimizer"] == {"type": "AdamW"}  # the training config is untouched
+        if stage == 3:
+            zero = built["zero_optimization"]
+            assert zero["stage"] == 3 and zero["reduce_bucket_size"] == 64 * 64
+            assert zero["stage3_param_persistence_threshold"] == 640
+        else:
+            assert built["zero_optimization"]["stage"] == 0
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_fsdp1_is_refused_with_a_clear_error():
+    import types as pytypes
+
+    from mtpo.trainers.parallel import check_supported
+
+    state = pytypes.SimpleNamespace(fsdp_plugin=pytypes.SimpleNamespace(fsdp_version=1))
+    with pytest.raises(ValueError, match="FSDP2 only"):
+        check_supported(pytypes.SimpleNamespace(state=state))
+
+
+@pytest.mark.parametrize("size", [1, 5, 7, 9, 13, 16])
+def test_real_rows_drops_exactly_accelerates_padding(size):
+    """With 4 processes × batch 2, accelerate's BatchSamplerShard fills the last round with repeats;
+    `real_rows` (the gather_for_metrics rule) must keep each remaining example exactly once."""
+    import types as pytypes
+
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from mtpo.trainers.parallel import real_rows
+
+    world, per_device = 4, 2
+    shards = [list(BatchSamplerShard(BatchSampler(SequentialSampler(range(size)), per_device, False), world, rank,
+                                     even_batches=True)) for rank in range(world)]
+    rounds = len(shards[0])
+    assert all(len(s) == rounds for s in shards)
+    kept = []
+    for step in range(rounds):
+        last = step == rounds - 1
+        for rank in range(world):
+            batch = shards[rank][step]
+            state = pytypes.SimpleNamespace(end_of_dataloader=last, remainder=size % (world * per_device))
+            accelerator = pytypes.SimpleNamespace(gradient_state=state, num_processes=world, process_index=rank)
+            kept += batch[:real_rows(accelerator, len(batch))]
+    assert sorted(kept) == list(range(size))
+
+
+def test_first_examples_keeps_stacked_blocks_aligned():
+    from mtpo.trainers.parallel import first_examples
+
+    ids = torch.arange(8)[:, None].repeat(1, 3)  # (2B, T) rows [c0 c1 c2 c3 ; r0 r1 r2 r3]
+    out = first_examples({"input_ids": ids, "idx": torch.tensor([10, 11, 12, 13]), "note": "x"}, 4, 3)
+    assert out["input_ids"][:, 0].tolist() == [0, 1, 2, 4, 5, 6]
+    assert out["idx"].tolist() == [10, 11, 12] and out["note"] == "x"
+
+
+def test_mixed_precision_head_outside_autocast():
+    """accelerate's mixed precision returns the forward's outputs upcast to float32; a bf16 LM head called
+    after it must still work (and give the bf16 model's own log-probs)."""
+    from accelerate.utils.operations import convert_outputs_to_fp32
+    from transformers import AutoModelForCausalLM
+
+    from mtpo.logprobs import sequence_logps
+
+    model = AutoModelForCausalLM.from_pretrained(TINY, dtype=torch.bfloat16)
+    ids = torch.randint(3, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    expected, _ = sequence_logps(model, ids, mask, mask)
+    model.forward = convert_outputs_to_fp32(model.forward)  # what Accelerator.prepare does under bf16
+    got, _ = sequence_logps(model, ids, mask, mask)
+    torch.testing.assert_close(got, expected)

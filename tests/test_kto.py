@@ -17,7 +17,7 @@ from mtpo import losses as L
 from mtpo.collate import LabeledCollator, ListDataset
 from mtpo.config import ConfigError, load_config
 from mtpo.data import Conversation, RecordError, parse_labeled
-from mtpo.prepare import LabeledExample, add_mismatched
+from mtpo.prepare import LabeledExample
 from mtpo.render import ChatRenderer, Rendered, RenderOptions
 from mtpo.trainers import kto
 from mtpo.trainers.kto import KTOConfig, KTORefLayout, KTOTrainer, check_balance, prepare_kto, train_kto
@@ -132,6 +132,16 @@ def test_batch_size_one_uses_a_real_mismatched_pair(tmp_path):
         want, z0, _, _ = expected_kto(policy, ref, [i], 0.3, 1.0, 1.0)
         assert loss.item() == pytest.approx(want, abs=1e-5)
         assert metrics["kl"].item() == pytest.approx(z0, abs=1e-4)
+
+
+def test_class_metrics_are_means_over_that_class_only(tmp_path):
+    policy, ref = tiny_lm(V, seed=0), tiny_lm(V, seed=1)
+    trainer = make_trainer(tmp_path, policy, ref)
+    _, metrics = trainer.loss_and_metrics(policy, LabeledCollator(0)(hand_examples([0, 2])))  # desirable only
+    trainer.store_metrics(metrics, "train")
+    sums = trainer._metric_sums["train"]
+    assert sums["rewards/undesirable"] == [0.0, 0.0] and sums["logps/undesirable"] == [0.0, 0.0]
+    assert sums["rewards/desirable"][1] == 2 and sums["count/desirable"] == [2.0, 1.0]
 
 
 def test_kl_baseline_is_the_clamped_mean(tmp_path):

@@ -150,10 +150,10 @@ def check_balance(examples: list[LabeledExample], config: KTOConfig) -> tuple[in
     ratio = w_d * n_d / (w_u * n_u)
     low, high = RECOMMENDED_RATIO
     if not low - 1e-9 <= ratio <= high + 1e-9:
-        logger.warning("desirable_weight·n_desirable / (undesirable_weight·n_undesirable) = %g·%d / (%g·%d) = %.3f is "
-                       "outside [1, 4/3], the KTO paper's recommendation; e.g. desirable_weight in [%.3g, %.3g] with "
-                       "undesirable_weight %g", w_d, n_d, w_u, n_u, ratio, w_u * n_u / n_d * low, w_u * n_u / n_d * high,
-                       w_u)
+        fit = w_u * n_u / n_d  # the desirable_weight giving a ratio of 1
+        logger.warning("desirable_weight·n_desirable / (undesirable_weight·n_undesirable) = %g·%d / (%g·%d) = %.3f "
+                       "is outside [1, 4/3], the KTO paper's recommendation; e.g. desirable_weight in [%.3g, %.3g] "
+                       "with undesirable_weight %g", w_d, n_d, w_u, n_u, ratio, fit * low, fit * high, w_u)
     return n_d, n_u
 
 

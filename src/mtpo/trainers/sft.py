@@ -33,7 +33,7 @@ class SFTConfig(MTPOConfig):
     """`mtpo sft` options."""
 
     filter_label: bool = field(default=False, metadata={"help": "RAFT: train only on rows with label: true."})
-    min_score: float | None = field(default=None, metadata={"help": "Rejection sampling: only rows with score ≥ this."})
+    min_score: float | None = field(default=None, metadata={"help": "Keep rows with score ≥ this."})
 
     def __post_init__(self):
         super().__post_init__()
