@@ -239,7 +239,9 @@ def worker(args) -> dict:
         "step_cpu_s": statistics.median(cpu_times[args.warmup:]), "loadavg_1min": os.getloadavg()[0],
         "peak_mib": round(peak, 1), "baseline_mib": round(probe.baseline_mib, 1),
         "step_delta_mib": round(peak - probe.baseline_mib, 1),
-        "first_loss": first.get("loss"), "first_logps_chosen": first.get("logps/chosen"),
+        # Step-1 values (policy == reference): equal on both sides when both do the same computation.
+        "first_loss": first.get("loss"),
+        "first_logps_chosen": first.get("logps/chosen", first.get("logps/desirable")),
     }
 
 
@@ -351,11 +353,17 @@ def parse(argv=None):
     return args
 
 
+def worker_from_argv(argv: list[str]) -> dict:
+    """Run one configuration in this process (what a ``--worker`` subprocess does)."""
+    args = parse(argv)
+    args.vocab, args.seq = args.vocab[0], args.seq[0]
+    return worker(args)
+
+
 def main(argv=None):
     args = parse(argv)
     if args.worker:
-        args.vocab, args.seq = args.vocab[0], args.seq[0]
-        print(json.dumps(worker(args)), flush=True)
+        print(json.dumps(worker_from_argv(argv if argv is not None else sys.argv[1:])), flush=True)
         return
     started = time.perf_counter()
     results = run_grid(args)

@@ -293,7 +293,10 @@ def test_target_logprob_backward_matches_autograd():
 
 def test_with_hf_gradient_checkpointing():
     plain, checkpointed = make_model("llama").train(), make_model("llama").train()
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(checkpointed, "activation_checkpointing_enable"):  # newer transformers 5.x name
+        checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     batch = collate(make_rows(), "left")
     for model in (plain, checkpointed):
         logps, _ = sequence_logps(model, *batch)
