@@ -9,9 +9,12 @@ A naive implementation asks the model for full logits (B, T, V), upcasts them to
 log-softmax: at V = 256k, T = 4096, B = 2 that is 8 GiB per copy, and autograd keeps several copies.
 Here the model is run with ``logits_to_keep=1`` (logits for the last position only, (B, 1, V)) and we
 read the final, post-norm hidden states (B, T, H) instead. Only the N rows whose *next* token is
-trainable are gathered, (N, H), and pushed through the LM head ``chunk_size`` rows at a time. Each chunk
-runs under ``torch.utils.checkpoint`` so autograd stores the chunk's (chunk, H) input, not its
-(chunk, V) logits; backward recomputes them. Peak extra memory is O(chunk_size × V), whatever T is.
+trainable are gathered, (N, H), and pushed through the LM head ``chunk_size`` rows at a time — fewer
+when the vocabulary is so large that a (chunk_size, V) float32 buffer would exceed 512 MiB
+(``_MAX_CHUNK_ELEMENTS``: 524 rows at V = 256k; a chunk's backward holds 2–3 such buffers,
+so a fixed row count would make memory grow with V). Each chunk runs under
+``torch.utils.checkpoint`` so autograd stores the chunk's (chunk, H) input, not its (chunk, V)
+logits; backward recomputes them. Peak extra memory is O(min(chunk_size × V, 2^27)), whatever T is.
 
 Per chunk the logits are upcast to float32 and given the same post-processing the model's own
 forward applies: ``logit_scale`` (Cohere, multiply), ``logits_scaling`` (Granite, divide) and
@@ -41,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 __all__ = ["sequence_logps"]
 
 # LM heads whose post-processing (norm, scaling, soft-capping) has been checked against the model.
+_MAX_CHUNK_ELEMENTS = 2**27  # rows × V of one chunk's float32 logits: 512 MiB
 _VERIFIED_HEADS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
@@ -62,7 +66,8 @@ def sequence_logps(
         trainable: (B, T) bool — True on tokens the policy generated (the loss targets). The first
             real token of a row is never a target (nothing real predicts it) and is ignored there.
             A trainable padding token is an error.
-        chunk_size: rows of the LM head computed at once; bounds the (chunk, V) float32 buffer.
+        chunk_size: rows of the LM head computed at once (at most; fewer when rows × V would exceed
+            ``_MAX_CHUNK_ELEMENTS``); bounds the (chunk, V) float32 buffer.
         position_ids: (B, T); default ``cumsum(attention_mask) - 1`` so left padding does not shift
             positions. Pass your own for packed sequences.
 
@@ -94,10 +99,11 @@ def sequence_logps(
     labels = input_ids[:, 1:][predicts_target]  # (N,)
     row_of = predicts_target.nonzero()[:, 0]  # (N,) batch index of each selected row
 
+    chunk = max(1, min(chunk_size, _MAX_CHUNK_ELEMENTS // out.logits.shape[-1]))  # rows per LM-head call
     token_logps = torch.cat(
         [
             _checkpointed(_chunk_logps, lm_head, postprocess, h, y)
-            for h, y in zip(rows.split(chunk_size), labels.split(chunk_size))
+            for h, y in zip(rows.split(chunk), labels.split(chunk))
         ]
     )  # (N,) float32
     batch = input_ids.shape[0]

@@ -9,18 +9,16 @@ iteration's output) it optimises the non-regularised one (Xiong et al., ICLR 202
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from mtpo import losses as L
-from mtpo.collate import ListDataset, PairCollator, split_pair
+from mtpo.collate import PairCollator, split_pair
 from mtpo.config import ConfigError, ReferenceConfig
 from mtpo.prepare import prepare_pairs
-from mtpo.render import ChatRenderer
 from mtpo.trainers.base import MTPOTrainer
-from mtpo.trainers.setup import finish, load_examples, load_models, load_tokenizer, resolve_resume, run_cli
+from mtpo.trainers.setup import run_cli, run_training
 
 
 @dataclass
@@ -98,26 +96,8 @@ class DPOTrainer(MTPOTrainer):
 
 def train_dpo(config: DPOConfig) -> dict:
     """Train a policy with multi-turn DPO; returns the run summary."""
-    started = time.time()
-    config.check_paths()
-    tokenizer = load_tokenizer(config)
-    renderer = ChatRenderer(tokenizer, config.render_options())
-    train_examples, train_report = load_examples(config, renderer, prepare_pairs, "train")
-    eval_examples, eval_report = load_examples(config, renderer, prepare_pairs, "eval")
-
-    model, ref_model = load_models(config)
-
-    train_ds = ListDataset(train_examples)
-    eval_ds = ListDataset(eval_examples) if eval_examples else None
-    trainer = DPOTrainer(model=model, args=config, train_dataset=train_ds, eval_dataset=eval_ds,
-                         processing_class=tokenizer, ref_model=ref_model,
-                         data_collator=PairCollator(tokenizer.pad_token_id, config.margin),
-                         data_report=train_report.to_dict())
-    del ref_model  # the trainer holds it; without this name `precompute_references` can free it
-    if config.precompute_ref_log_probs:
-        trainer.precompute_references(PairRefLayout)
-    trainer.train(resume_from_checkpoint=resolve_resume(config))
-    return finish(trainer, config, {"train": train_report, "eval": eval_report}, started)
+    return run_training(config, prepare=prepare_pairs, trainer_cls=DPOTrainer, ref_layout=PairRefLayout,
+                        collator=lambda tokenizer: PairCollator(tokenizer.pad_token_id, config.margin))
 
 
 def cli(argv: list[str]) -> int:

@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from mtpo import losses as L
-from mtpo.collate import LabeledCollator, ListDataset, split_pair
+from mtpo.collate import LabeledCollator, split_pair
 from mtpo.config import ConfigError, ReferenceConfig
 from mtpo.prepare import LabeledExample, add_mismatched, prepare_labeled
 from mtpo.render import ChatRenderer
 from mtpo.trainers.base import MTPOTrainer
 from mtpo.trainers.dpo import PairRefLayout
-from mtpo.trainers.setup import finish, load_examples, load_models, load_tokenizer, resolve_resume, run_cli
+from mtpo.trainers.setup import run_cli, run_training
 
 logger = logging.getLogger("mtpo")
 DATA_FORMATS = ("auto", "unpaired", "pairs")
@@ -162,24 +161,10 @@ def check_balance(examples: list[LabeledExample], config: KTOConfig) -> tuple[in
 
 def train_kto(config: KTOConfig) -> dict:
     """Train a policy with multi-turn KTO on labeled trajectories; returns the run summary."""
-    started = time.time()
-    config.check_paths()
-    tokenizer = load_tokenizer(config)
-    renderer = ChatRenderer(tokenizer, config.render_options())
-    prepare = functools.partial(prepare_kto, data_format=config.data_format, seed=config.seed)
-    train_examples, train_report = load_examples(config, renderer, prepare, "train")
-    eval_examples, eval_report = load_examples(config, renderer, prepare, "eval")
-    check_balance(train_examples, config)
-
-    model, ref_model = load_models(config)
-    trainer = KTOTrainer(model=model, args=config, train_dataset=ListDataset(train_examples),
-                         eval_dataset=ListDataset(eval_examples) if eval_examples else None,
-                         processing_class=tokenizer, ref_model=ref_model,
-                         data_collator=LabeledCollator(tokenizer.pad_token_id), data_report=train_report.to_dict())
-    if config.precompute_ref_log_probs:
-        trainer.precompute_references(KTORefLayout)
-    trainer.train(resume_from_checkpoint=resolve_resume(config))
-    return finish(trainer, config, {"train": train_report, "eval": eval_report}, started)
+    return run_training(config, prepare=functools.partial(prepare_kto, data_format=config.data_format, seed=config.seed),
+                        trainer_cls=KTOTrainer, ref_layout=KTORefLayout,
+                        collator=lambda tokenizer: LabeledCollator(tokenizer.pad_token_id),
+                        check_data=lambda examples: check_balance(examples, config))
 
 
 def cli(argv: list[str]) -> int:

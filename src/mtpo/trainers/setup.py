@@ -18,6 +18,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 
+from mtpo.collate import ListDataset
 from mtpo.config import ConfigError, MTPOConfig, load_config, save_config
 from mtpo.data import RecordError, load_rows
 from mtpo.prepare import SkipReport
@@ -118,6 +119,35 @@ def resolve_resume(config: MTPOConfig) -> str | None:
     if not os.path.isdir(value):
         raise ConfigError(f"resume_from_checkpoint: not a folder: {value}")
     return value
+
+
+def run_training(config: MTPOConfig, *, prepare: Callable, trainer_cls: type, collator: Callable,
+                 ref_layout=None, check_data: Callable | None = None) -> dict:
+    """The one run every trainer shares: check paths → tokenizer → render data (errors here cost
+    seconds) → models → trainer → optional reference precompute → train → save + summary.
+
+    `collator(tokenizer)` builds the data collator; `ref_layout` (None for SFT: no reference) says
+    how precomputed reference log-probs map to examples; `check_data(train_examples)` may refuse data.
+    """
+    started = time.time()
+    config.check_paths()
+    tokenizer = load_tokenizer(config)
+    renderer = ChatRenderer(tokenizer, config.render_options())
+    train_examples, train_report = load_examples(config, renderer, prepare, "train")
+    eval_examples, eval_report = load_examples(config, renderer, prepare, "eval")
+    if check_data is not None:
+        check_data(train_examples)
+
+    model, ref_model = load_models(config, reference=ref_layout is not None)
+    trainer = trainer_cls(model=model, args=config, train_dataset=ListDataset(train_examples),
+                          eval_dataset=ListDataset(eval_examples) if eval_examples else None,
+                          processing_class=tokenizer, ref_model=ref_model, data_collator=collator(tokenizer),
+                          data_report=train_report.to_dict())
+    del model, ref_model  # the trainer holds them; no other name may keep a freed reference alive
+    if ref_layout is not None and getattr(config, "precompute_ref_log_probs", False):
+        trainer.precompute_references(ref_layout)
+    trainer.train(resume_from_checkpoint=resolve_resume(config))
+    return finish(trainer, config, {"train": train_report, "eval": eval_report}, started)
 
 
 def finish(trainer, config: MTPOConfig, reports: dict[str, SkipReport], started: float) -> dict:

@@ -13,19 +13,17 @@ Also the rejection-sampling / RAFT baseline: keep only trajectories with `label:
 from __future__ import annotations
 
 import functools
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 from mtpo import losses as L
-from mtpo.collate import ConversationCollator, ListDataset
+from mtpo.collate import ConversationCollator
 from mtpo.config import ConfigError, MTPOConfig
 from mtpo.data import Conversation, RecordError
 from mtpo.prepare import prepare_conversations
-from mtpo.render import ChatRenderer
 from mtpo.trainers.base import MTPOTrainer
-from mtpo.trainers.setup import finish, load_examples, load_models, load_tokenizer, resolve_resume, run_cli
+from mtpo.trainers.setup import run_cli, run_training
 
 
 @dataclass
@@ -106,21 +104,8 @@ def keep_rows(config: SFTConfig):
 
 def train_sft(config: SFTConfig) -> dict:
     """Masked multi-turn SFT (or RAFT with filter_label / min_score); returns the run summary."""
-    started = time.time()
-    config.check_paths()
-    tokenizer = load_tokenizer(config)
-    renderer = ChatRenderer(tokenizer, config.render_options())
-    prepare = functools.partial(prepare_conversations, keep=keep_rows(config))
-    train_examples, train_report = load_examples(config, renderer, prepare, "train")
-    eval_examples, eval_report = load_examples(config, renderer, prepare, "eval")
-
-    model, _ = load_models(config, reference=False)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=ListDataset(train_examples),
-                         eval_dataset=ListDataset(eval_examples) if eval_examples else None,
-                         processing_class=tokenizer, data_collator=ConversationCollator(tokenizer.pad_token_id),
-                         data_report=train_report.to_dict())
-    trainer.train(resume_from_checkpoint=resolve_resume(config))
-    return finish(trainer, config, {"train": train_report, "eval": eval_report}, started)
+    return run_training(config, prepare=functools.partial(prepare_conversations, keep=keep_rows(config)),
+                        trainer_cls=SFTTrainer, collator=lambda tokenizer: ConversationCollator(tokenizer.pad_token_id))
 
 
 def cli(argv: list[str]) -> int:
