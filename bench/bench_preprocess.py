@@ -162,6 +162,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # progress bars off (prepare_pairs shows one from 256 rows)
 
     rows = make_rows(args.rows, args.rounds, args.seed)
     outputs, times = {}, {name: [] for name in args.variants}
@@ -188,7 +189,7 @@ def main(argv=None):
         rel = r["trajectories_per_s"] / mtpo["trajectories_per_s"] if mtpo else None
         rows_md.append([r["variant"], f"{r['trajectories_per_s']:.1f}", f"{r['pairs_per_s']:.1f}",
                         f"{1000 * r['seconds'] / (2 * args.rows):.2f}", bl.fmt(1 / rel if rel else None, ".2f")])
-    table = bl.md_table(["variant", "trajectories/s", "pairs/s", "ms/trajectory", "mtpo speed ÷ this"], rows_md)
+    table = bl.md_table(["variant", "trajectories/s", "pairs/s", "ms/trajectory", "mtpo throughput ÷ this"], rows_md)
     notes = (f"_{args.rows} pairs × 2 trajectories, {args.rounds} tool rounds, "
              f"{check.get('tokens_per_trajectory', 0):.0f} tokens per trajectory (Llama-3 tokenizer, TRL llama3.jinja); "
              f"token ids identical mtpo vs TRL: {check.get('identical_ids', '—')}; trained tokens: mtpo "

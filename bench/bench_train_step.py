@@ -19,7 +19,7 @@ TRL's tokenization is bypassed (a one-method subclass returns the pre-tokenized 
 KTO's KL completions built exactly as TRL builds them); its training step is untouched.
 
 ``--multiturn`` adds mtpo rows on multi-turn data of the same length: after the prompt, rounds of
-192 policy tokens + 64 tool-output tokens; only the policy tokens are trained. TRL cannot express that
+192 policy tokens + 64 tool-output tokens (``--round``); only the policy tokens are trained. TRL cannot express that
 mask (it would train on the tool outputs too), so those rows have no TRL column.
 
     python bench/bench_train_step.py --out bench/results/train_step            # CPU grid (~10 min, 2 cores)
@@ -40,9 +40,9 @@ from pathlib import Path
 import benchlib as bl
 
 SCRIPT = Path(__file__).resolve()
-ROUND, ROUND_TRAINED = 256, 192  # multi-turn layout: per round, 192 policy tokens then 64 tool tokens
+ROUND = 256  # multi-turn layout: per round of 256 tokens, 192 policy tokens then 64 tool-output tokens
 PRESETS = {  # --device → defaults (any flag overrides)
-    "cpu": dict(hidden=64, layers=2, batch=1, kto_batch=2, warmup=1, repeats=3, dtype="float32"),
+    "cpu": dict(hidden=64, layers=2, batch=1, kto_batch=2, warmup=1, repeats=2, dtype="float32"),
     "cuda": dict(hidden=1024, layers=4, batch=2, kto_batch=4, warmup=2, repeats=5, dtype="bfloat16"),
 }
 
@@ -68,15 +68,16 @@ def make_rows(args, rng) -> list[dict]:
             for i in range(n)]
 
 
-def trainable_mask(prompt_len: int, total: int, multiturn: bool):
-    """mtpo's loss mask for a row: the completion (single-turn) or its policy rounds (multi-turn)."""
+def trainable_mask(prompt_len: int, total: int, multiturn: bool, round_len: int = ROUND):
+    """mtpo's loss mask for a row: the completion (single-turn) or its policy rounds (multi-turn:
+    the first 3/4 of every `round_len` tokens trained, the last 1/4 a tool output)."""
     import numpy as np
 
     mask = np.zeros(total, dtype=bool)
     mask[prompt_len:] = True
     if multiturn:
         offset = np.arange(total - prompt_len)
-        mask[prompt_len:] = offset % ROUND < ROUND_TRAINED
+        mask[prompt_len:] = offset % round_len < 3 * round_len // 4
     return mask
 
 
@@ -96,13 +97,13 @@ def common_args(args, out_dir: str) -> dict:
     )
 
 
-def mtpo_rendered(ids, prompt_len: int, multiturn: bool, index: int):
+def mtpo_rendered(ids, prompt_len: int, multiturn: bool, index: int, round_len: int = ROUND):
     import numpy as np
 
     from mtpo.render import Rendered
 
     ids = np.asarray(ids, dtype=np.int64)
-    mask = trainable_mask(prompt_len, len(ids), multiturn)
+    mask = trainable_mask(prompt_len, len(ids), multiturn, round_len)
     return Rendered(ids, mask, "", np.zeros((len(ids), 2), dtype=np.int64), [], index, prompt_len)
 
 
@@ -118,8 +119,8 @@ def build_mtpo(args, policy, ref, rows, out_dir):
         examples = []
         for i, r in enumerate(rows):
             p = len(r["prompt_ids"])
-            chosen = mtpo_rendered(r["prompt_ids"] + r["chosen_ids"], p, args.multiturn, i)
-            rejected = mtpo_rendered(r["prompt_ids"] + r["rejected_ids"], p, args.multiturn, i)
+            chosen = mtpo_rendered(r["prompt_ids"] + r["chosen_ids"], p, args.multiturn, i, args.round)
+            rejected = mtpo_rendered(r["prompt_ids"] + r["rejected_ids"], p, args.multiturn, i, args.round)
             examples.append(PairExample(chosen, rejected, i, position=i))
         config = DPOConfig(**common, **extra, beta=args.beta, loss_type="sigmoid", precompute_ref_log_probs=False,
                            nll_coef=0.0, length_penalty=0.0, disable_dropout=True)
@@ -140,9 +141,9 @@ def build_mtpo_kto(args, policy, ref, rows, common, extra):
     for i, r in enumerate(rows):
         p = len(r["prompt_ids"])
         partner = rows[(i // b) * b + (i - 1) % b] if b > 1 else r
-        example = LabeledExample(mtpo_rendered(r["prompt_ids"] + r["completion_ids"], p, args.multiturn, i),
+        example = LabeledExample(mtpo_rendered(r["prompt_ids"] + r["completion_ids"], p, args.multiturn, i, args.round),
                                  bool(r["label"]), i, None, position=i)
-        example.kl = mtpo_rendered(r["prompt_ids"] + partner["completion_ids"], p, args.multiturn, i)
+        example.kl = mtpo_rendered(r["prompt_ids"] + partner["completion_ids"], p, args.multiturn, i, args.round)
         examples.append(example)
     common = {**common, "per_device_train_batch_size": b}
     config = KTOConfig(**common, **extra, beta=args.beta, desirable_weight=1.0, undesirable_weight=1.0,
@@ -224,6 +225,13 @@ def worker(args) -> dict:
             times.append(time.perf_counter() - self.t0)
             cpu_times.append(time.process_time() - self.c0)
 
+    if args.lib == "trl-compact":
+        # TRL scores only the positions with a label (`compact`) when Triton is available (CUDA/XPU); on
+        # CPU it scores every position. Force the GPU behaviour so the CPU numbers can be compared with
+        # it; the LM-head kernel itself keeps TRL's torch fallback.
+        import trl.trainer.utils
+
+        trl.trainer.utils._use_triton = lambda device: True
     with tempfile.TemporaryDirectory() as out_dir:
         build = build_mtpo if args.lib == "mtpo" else build_trl
         trainer = build(args, policy, ref, rows, out_dir)
@@ -248,7 +256,7 @@ def worker(args) -> dict:
 # ------------------------------------------------------------------------------------------ driver
 
 WORKER_KEYS = ("lib", "algo", "vocab", "seq", "batch", "kto_batch", "hidden", "layers", "warmup", "repeats",
-               "device", "dtype", "beta", "seed", "chunk_size")
+               "device", "dtype", "beta", "seed", "chunk_size", "round")
 
 
 def worker_argv(args, multiturn: bool, **overrides) -> list[str]:
@@ -265,7 +273,8 @@ def run_grid(args) -> list[dict]:
     jobs = [(algo, vocab, seq, lib, False) for algo in args.algos for vocab in args.vocab for seq in args.seq
             for lib in args.libs]
     if args.multiturn:
-        jobs += [(algo, vocab, seq, "mtpo", True) for algo in args.algos for vocab in args.vocab for seq in args.seq]
+        multi_seq = args.multiturn_seq or [max(args.seq)]
+        jobs += [(algo, vocab, seq, "mtpo", True) for algo in args.algos for vocab in args.vocab for seq in multi_seq]
     for algo, vocab, seq, lib, multi in jobs:
         argv = worker_argv(args, multi, lib=lib, algo=algo, vocab=vocab, seq=seq)
         r = bl.run_worker(SCRIPT, argv, timeout=args.timeout)
@@ -281,37 +290,56 @@ def ratio(a, b):
     return None if a is None or b is None or not b else a / b
 
 
+def _rel_diff(a, b):
+    return None if a is None or b is None or not b else abs(a - b) / abs(b)
+
+
 def markdown(results: list[dict], meta: dict) -> str:
     by = {(r["lib"], r["algo"], r["data"], r["vocab"], r["seq"]): r for r in results}
     parts = []
-    header = ["algo", "vocab", "seq", "mtpo s/step", "TRL s/step", "time mtpo/TRL", "mtpo peak MiB",
-              "TRL peak MiB", "peak mtpo/TRL", "mtpo step Δ MiB", "TRL step Δ MiB", "Δ mtpo/TRL", "loss₁ mtpo / TRL"]
+    header = ["algo", "vocab", "seq", "mtpo s/step", "TRL s/step", "time ×", "CPU-time ×", "mtpo peak MiB",
+              "TRL peak MiB", "peak ×", "mtpo step Δ MiB", "TRL step Δ MiB", "step Δ ×", "logps₁ rel. diff"]
     rows = []
-    for r in results:
-        if r["lib"] != "mtpo" or r["data"] != "single-turn":
+    for m in results:
+        if m["lib"] != "mtpo" or m["data"] != "single-turn":
             continue
-        t = by.get(("trl", r["algo"], "single-turn", r["vocab"], r["seq"]), {})
-        m = r
+        t = by.get(("trl", m["algo"], "single-turn", m["vocab"], m["seq"]), {})
         rows.append([
-            r["algo"].upper(), r["vocab"], r["seq"],
-            m.get("error") or bl.fmt(m.get("step_s"), ".3f"), t.get("error") or bl.fmt(t.get("step_s"), ".3f"),
+            m["algo"].upper(), m["vocab"], m["seq"],
+            m.get("error") or bl.fmt(m.get("step_s"), ".2f"), t.get("error") or bl.fmt(t.get("step_s"), ".2f"),
             bl.fmt(ratio(m.get("step_s"), t.get("step_s")), ".2f"),
+            bl.fmt(ratio(m.get("step_cpu_s"), t.get("step_cpu_s")), ".2f"),
             bl.fmt(m.get("peak_mib"), ".0f"), bl.fmt(t.get("peak_mib"), ".0f"),
             bl.fmt(ratio(m.get("peak_mib"), t.get("peak_mib")), ".2f"),
             bl.fmt(m.get("step_delta_mib"), ".0f"), bl.fmt(t.get("step_delta_mib"), ".0f"),
             bl.fmt(ratio(m.get("step_delta_mib"), t.get("step_delta_mib")), ".2f"),
-            f"{bl.fmt(m.get('first_loss'), '.4f')} / {bl.fmt(t.get('first_loss'), '.4f')}",
+            bl.fmt(_rel_diff(m.get("first_logps_chosen"), t.get("first_logps_chosen")), ".0e"),
         ])
     if rows:
-        parts.append("### Single-turn: mtpo vs TRL\n\n" + bl.md_table(header, rows, "lrr" + "r" * 10))
+        parts.append("### Single-turn: mtpo vs TRL (× = mtpo / TRL)\n\n" + bl.md_table(header, rows, "lrr" + "r" * 11))
+    compact = [r for r in results if r["lib"] == "trl-compact"]
+    if compact:
+        rows = []
+        for c in compact:
+            m = by.get(("mtpo", c["algo"], "single-turn", c["vocab"], c["seq"]), {})
+            t = by.get(("trl", c["algo"], "single-turn", c["vocab"], c["seq"]), {})
+            rows.append([c["algo"].upper(), c["vocab"], c["seq"], bl.fmt(m.get("step_s"), ".2f"),
+                         c.get("error") or bl.fmt(c.get("step_s"), ".2f"), bl.fmt(t.get("step_s"), ".2f"),
+                         bl.fmt(ratio(m.get("step_s"), c.get("step_s")), ".2f"),
+                         bl.fmt(ratio(m.get("step_cpu_s"), c.get("step_cpu_s")), ".2f"),
+                         bl.fmt(c.get("step_delta_mib"), ".0f"),
+                         bl.fmt(ratio(m.get("step_delta_mib"), c.get("step_delta_mib")), ".2f")])
+        parts.append("### TRL with GPU-style compaction (only labelled positions scored)\n\n" + bl.md_table(
+            ["algo", "vocab", "seq", "mtpo s/step", "TRL-compact s/step", "TRL s/step", "time ×", "CPU-time ×",
+             "TRL-compact step Δ MiB", "step Δ ×"], rows, "lrrrrrrrrr"))
     multi = [r for r in results if r["data"] == "multi-turn"]
     if multi:
         rows = []
         for r in multi:
             single = by.get(("mtpo", r["algo"], "single-turn", r["vocab"], r["seq"]), {})
-            rows.append([r["algo"].upper(), r["vocab"], r["seq"], r.get("error") or bl.fmt(r.get("step_s"), ".3f"),
+            rows.append([r["algo"].upper(), r["vocab"], r["seq"], r.get("error") or bl.fmt(r.get("step_s"), ".2f"),
                          bl.fmt(r.get("peak_mib"), ".0f"), bl.fmt(r.get("step_delta_mib"), ".0f"),
-                         bl.fmt(single.get("step_s"), ".3f")])
+                         bl.fmt(single.get("step_s"), ".2f")])
         parts.append("### Multi-turn (mtpo only; TRL cannot mask tool outputs)\n\n" + bl.md_table(
             ["algo", "vocab", "seq", "mtpo s/step", "peak MiB", "step Δ MiB", "single-turn s/step (same length)"],
             rows, "lrrrrrr"))
@@ -326,11 +354,14 @@ def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--algos", nargs="+", default=["dpo", "kto"], choices=["dpo", "kto"])
-    p.add_argument("--libs", nargs="+", default=["mtpo", "trl"], choices=["mtpo", "trl"])
+    p.add_argument("--libs", nargs="+", default=["mtpo", "trl"], choices=["mtpo", "trl", "trl-compact"],
+                   help="trl-compact: TRL forced to score only labelled positions, as it does with Triton on GPU")
     p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 256000])
     p.add_argument("--seq", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--multiturn", action=argparse.BooleanOptionalAction, default=True,
                    help="also run mtpo on multi-turn data (default: on)")
+    p.add_argument("--multiturn-seq", dest="multiturn_seq", type=int, nargs="+",
+                   help="sequence lengths of the multi-turn rows (default: the largest --seq)")
     p.add_argument("--hidden", type=int)
     p.add_argument("--layers", type=int)
     p.add_argument("--batch", type=int, help="DPO pairs per step")
@@ -343,9 +374,10 @@ def parse(argv=None):
     p.add_argument("--chunk-size", dest="chunk_size", type=int, help="mtpo logprob_chunk_size (default: mtpo's)")
     p.add_argument("--timeout", type=float, default=600, help="seconds per run before it is recorded as timed out")
     p.add_argument("--out", type=Path, help="write OUT.json and OUT.md")
+    p.add_argument("--round", type=int, default=ROUND, help="multi-turn round length (3/4 policy, 1/4 tool output)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--lib", help=argparse.SUPPRESS)
-    p.add_argument("--algo", help=argparse.SUPPRESS)
+    p.add_argument("--lib", choices=["mtpo", "trl", "trl-compact"], help=argparse.SUPPRESS)
+    p.add_argument("--algo", choices=["dpo", "kto"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in PRESETS[args.device].items():
         if getattr(args, key) is None:
@@ -365,12 +397,13 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(worker_from_argv(argv if argv is not None else sys.argv[1:])), flush=True)
         return
-    started = time.perf_counter()
+    started, load_start = time.perf_counter(), os.getloadavg()[0]
     results = run_grid(args)
     meta = {k: getattr(args, k) for k in ("device", "dtype", "hidden", "layers", "batch", "kto_batch", "beta",
                                           "warmup", "repeats", "seed", "chunk_size")}
     meta.update(machine=bl.machine_info(args.device), command=bl.command_line(),
-                total_s=round(time.perf_counter() - started, 1))
+                total_s=round(time.perf_counter() - started, 1),
+                loadavg_1min_start_end=[load_start, os.getloadavg()[0]])
     bl.write_outputs(args.out, {"meta": meta, "results": results}, markdown(results, meta))
 
 

@@ -173,7 +173,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  {split} rows: {rep['kept']}/{rep['total']} kept, {rep['skipped']} skipped {rep['reasons'] or ''}")
     first, last = summary.get("first_log"), summary.get("last_log")
     if first and last:
-        keys = [k for k in last if k in first and k not in ("step", "epoch", "grad_norm", "learning_rate")]
+        skip = ("step", "epoch", "grad_norm", "learning_rate")
+        keys = [k for k in last if k in first and k not in skip and not k.startswith("data/")]
         for k in keys:
             if isinstance(last[k], (int, float)):
                 lines.append(f"  {k:<24} {first[k]:>10.4f} → {last[k]:.4f}")
