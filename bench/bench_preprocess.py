@@ -191,7 +191,8 @@ def main(argv=None):
                         f"{1000 * r['seconds'] / (2 * args.rows):.2f}", bl.fmt(1 / rel if rel else None, ".2f")])
     table = bl.md_table(["variant", "trajectories/s", "pairs/s", "ms/trajectory", "mtpo throughput ÷ this"], rows_md)
     notes = (f"_{args.rows} pairs × 2 trajectories, {args.rounds} tool rounds, "
-             f"{check.get('tokens_per_trajectory', 0):.0f} tokens per trajectory (Llama-3 tokenizer, TRL llama3.jinja); "
+             f"{check.get('tokens_per_trajectory', 0):.0f} tokens per trajectory "
+             "(Llama-3 tokenizer, TRL llama3.jinja); "
              f"token ids identical mtpo vs TRL: {check.get('identical_ids', '—')}; trained tokens: mtpo "
              f"{100 * check.get('trained_fraction_mtpo', 0):.0f}% (policy only) vs TRL "
              f"{100 * check.get('trained_fraction_trl', 0):.0f}% (all completion tokens, tool outputs included); "

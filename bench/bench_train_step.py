@@ -18,11 +18,13 @@ Same work on both sides (see docs/benchmarks.md for the full list of settings):
 TRL's tokenization is bypassed (a one-method subclass returns the pre-tokenized dataset as-is, with
 KTO's KL completions built exactly as TRL builds them); its training step is untouched.
 
-``--multiturn`` adds mtpo rows on multi-turn data of the same length: after the prompt, rounds of
-192 policy tokens + 64 tool-output tokens (``--round``); only the policy tokens are trained. TRL cannot express that
-mask (it would train on the tool outputs too), so those rows have no TRL column.
+``--multiturn`` (default on) adds mtpo rows on multi-turn data of the same length (``--multiturn-seq``,
+default the largest ``--seq``): after the prompt, rounds of 192 policy tokens + 64 tool-output tokens
+(``--round``); only the policy tokens are trained. TRL cannot express that mask (it would train on the
+tool outputs too), so those rows have no TRL column. ``--libs trl-compact`` runs TRL forced to score
+only labelled positions, as it does with Triton on GPU (on CPU it scores every position).
 
-    python bench/bench_train_step.py --out bench/results/train_step            # CPU grid (~10 min, 2 cores)
+    python bench/bench_train_step.py --out bench/results/train_step            # CPU grid (19 min, 2 cores)
     python bench/bench_train_step.py --device cuda --out bench/results/train_step_gpu   # bf16, hidden 1024
 """
 
@@ -170,8 +172,8 @@ def build_trl(args, policy, ref, rows, out_dir):
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 return dataset  # already {prompt_ids, chosen_ids, rejected_ids}: what TRL's map would produce
 
-        config = DPOConfig(**common, **no_extras, padding_free=False, loss_type=["sigmoid"], use_weighting=False, ld_alpha=None,
-                           f_divergence_type="reverse_kl", label_smoothing=0.0)
+        config = DPOConfig(**common, **no_extras, padding_free=False, loss_type=["sigmoid"], use_weighting=False,
+                           ld_alpha=None, f_divergence_type="reverse_kl", label_smoothing=0.0)
         return PreTokenizedDPOTrainer(model=policy, ref_model=ref, args=config, processing_class=tokenizer,
                                       train_dataset=datasets.Dataset.from_list(rows))
     from trl import KTOConfig, KTOTrainer
@@ -280,7 +282,8 @@ def run_grid(args) -> list[dict]:
         r = bl.run_worker(SCRIPT, argv, timeout=args.timeout)
         r.update(lib=lib, algo=algo, vocab=vocab, seq=seq, data="multi-turn" if multi else "single-turn")
         results.append(r)
-        status = r.get("error") or f"{r['step_s']:.3f} s/step, peak {r['peak_mib']:.0f} MiB (Δ {r['step_delta_mib']:.0f})"
+        status = r.get("error") or (f"{r['step_s']:.3f} s/step, peak {r['peak_mib']:.0f} MiB "
+                                    f"(Δ {r['step_delta_mib']:.0f})")
         print(f"[{lib:4} {algo} {r['data']:11} V={vocab:>6} T={seq:>5}] {status}  ({r['wall_s']}s)",
               file=sys.stderr, flush=True)
     return results

@@ -22,7 +22,8 @@ import bench_scaling  # noqa: E402
 import bench_train_step  # noqa: E402
 import benchlib  # noqa: E402
 
-TINY = ["--vocab", "256", "--seq", "48", "--round", "8", "--hidden", "32", "--layers", "1", "--warmup", "1", "--repeats", "1"]
+TINY = ["--vocab", "256", "--seq", "48", "--round", "8", "--hidden", "32", "--layers", "1",
+        "--warmup", "1", "--repeats", "1"]
 
 
 def step(lib: str, algo: str, *extra: str) -> dict:
