@@ -108,6 +108,7 @@ class ChatRenderer:
         self.bos_token_id = tokenizer.bos_token_id
         self._special_re = _special_token_pattern(tokenizer)
         self.closing_text = self._detect_closing_text()
+        self.generation_prompt = self._detect_generation_prompt()
         self.end_of_turn_texts = self.options.end_of_turn_text or self._detect_end_of_turn()
 
     # ---------------------------------------------------------------- template plumbing
@@ -131,6 +132,28 @@ class ChatRenderer:
             return ""
         closes = eos and not two.startswith(one) and one.endswith(eos) and two.endswith(eos)
         return eos if closes and two.startswith(one[: -len(eos)]) else ""
+
+    def _detect_generation_prompt(self) -> str:
+        """What `add_generation_prompt` appends after a user turn (`<|im_start|>assistant\\n`), or ""."""
+        user = {"role": "user", "content": _PROBE_USER}
+        try:
+            plain = self.apply_template([user], None, False)
+            with_prompt = self.apply_template([user], None, True)
+        except Exception:
+            return ""
+        plain = plain[: len(plain) - len(self.closing_text)] if self.closing_text and plain.endswith(self.closing_text) else plain
+        return with_prompt[len(plain):] if with_prompt.startswith(plain) else ""
+
+    def _header_end(self, text: str, start: int, prefix, k: int, row: int) -> int:
+        """Where the generation prompt before assistant message k ends. Fast path: the template's
+        generation prompt, detected once, stands right at the boundary; otherwise render the prefix
+        with `add_generation_prompt` (templates whose prompt depends on the conversation)."""
+        if self.generation_prompt and text.startswith(self.generation_prompt, start):
+            return start + len(self.generation_prompt)
+        head_end = self._prefix_end(prefix(k, True), text, row, k, "the generation prompt")
+        if head_end < start:
+            raise RecordError(row, "generation prompt is shorter than the previous turns", k)
+        return head_end
 
     def _detect_end_of_turn(self) -> tuple[str, ...]:
         """What the template writes after an assistant message's content, minus trailing space."""
@@ -247,9 +270,7 @@ class ChatRenderer:
                 regions.append((start, end, False, s))
                 continue
             if m.role == "assistant":
-                head_end = self._prefix_end(prefix(first, True), text, conv.index, first, "the generation prompt")
-                if head_end < start:
-                    raise RecordError(conv.index, "generation prompt is shorter than the previous turns", first)
+                head_end = self._header_end(text, start, prefix, first, conv.index)
                 body_end = self._assistant_body_end(text, head_end, end, conv.index, first, first == last_trained)
             else:
                 head_end, body_end = self._content_span(text, start, end, m, conv, msgs, first)
