@@ -52,7 +52,7 @@ class MTPOConfig(TrainingArguments):
     end_of_turn: str = field(default="every", metadata={"help": "Train the end-of-turn token on every / last / none turn."})
     end_of_turn_text: list[str] = field(default_factory=list, metadata={"help": "End-of-turn strings (default: detected)."})
     # --- compute
-    logprob_chunk_size: int = field(default=1024, metadata={"help": "Rows of the LM head computed at once."})
+    logprob_chunk_size: int = field(default=1024, metadata={"help": "At most this many rows through the LM head at once (fewer at large vocabularies: rows × V ≤ 2^27)."})
     # --- LoRA (needs `pip install mtpo[peft]`)
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
