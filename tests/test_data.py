@@ -276,3 +276,9 @@ def test_home_relative_path(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "rows.jsonl").write_text(json.dumps(ROWS[0]) + "\n", encoding="utf-8")
     assert load_rows("~/rows.jsonl") == ROWS[:1]
+
+
+def test_messages_as_a_bare_string_is_refused():
+    # a string is a message only where TRL's standard format allows it (prompt / completion sides)
+    with pytest.raises(RecordError, match=r"^row 4: `messages` must be a list of messages, got str"):
+        parse_conversation({"messages": "not a list"}, 4)

@@ -170,8 +170,10 @@ def _load_dataset_dir(path: str, split: str) -> list[dict]:
 
 
 def parse_messages(value: Any, row: int, side: str) -> list[Message]:
-    """Validate a list of chat messages. A bare string is taken as one message of the side's role."""
-    if isinstance(value, str):
+    """Validate a list of chat messages. For TRL's standard (non-conversational) format a bare string
+    is one message of the side's role: `prompt` → user; `chosen`/`rejected`/`completion` → assistant.
+    A whole conversation (`messages`) must be a list."""
+    if isinstance(value, str) and side in ("prompt", "chosen", "rejected", "completion"):
         role = "user" if side == "prompt" else "assistant"
         value = [{"role": role, "content": value}]
     if not isinstance(value, list):
