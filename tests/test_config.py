@@ -210,6 +210,18 @@ def test_cli_exits_2_with_one_line(tmp_path, capsys, no_model_loading):
     assert "row 1" in _cli_error(capsys, *common, f"--train_data={bad}")
 
 
+def test_cli_unresolvable_hub_name_is_one_line(tmp_path, capsys, monkeypatch, no_model_loading):
+    # transformers raises OSError for a Hub name it cannot resolve (offline, typo, gated): one line, exit 2
+    def unresolvable(name, *args, **kwargs):
+        raise OSError(f"{name} is not a local folder and is not a valid model identifier")
+
+    monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", unresolvable)
+    data = write_rows(tmp_path / "train.jsonl", [ROW] * 3)
+    line = _cli_error(capsys, f"--train_data={data}", f"--output_dir={tmp_path / 'out'}", "--eval_data=null",
+                      "--eval_strategy=no", "--model_name_or_path=no-such-org/no-such-model")
+    assert "no-such-org/no-such-model is not a local folder" in line
+
+
 def test_cli_usage():
     assert cli_main(["--help"]) == 0
     assert cli_main(["nonsense"]) == 2

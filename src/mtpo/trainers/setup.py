@@ -191,7 +191,7 @@ def run_cli(name: str, config_cls: type, train: Callable, argv: list[str]) -> in
     try:
         config = load_config(config_cls, args.config, overrides)
         train(config)
-    except (ConfigError, RecordError, FileNotFoundError) as e:
+    except (ConfigError, RecordError, OSError) as e:  # OSError: missing files, unknown Hub names offline
         print(f"mtpo {name}: error: {e}", file=sys.stderr)
         return 2
     return 0
