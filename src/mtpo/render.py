@@ -107,9 +107,10 @@ class ChatRenderer:
             raise ValueError("mtpo needs a fast (Rust) tokenizer for character offsets; load it with use_fast=True")
         self.bos_token_id = tokenizer.bos_token_id
         self._special_re = _special_token_pattern(tokenizer)
-        self.closing_text = self._detect_closing_text()
-        self.generation_prompt = self._detect_generation_prompt()
-        self.end_of_turn_texts = self.options.end_of_turn_text or self._detect_end_of_turn()
+        probe = self._probe_renders()
+        self.closing_text = self._detect_closing_text(probe)
+        self.generation_prompt = self._detect_generation_prompt(probe)
+        self.end_of_turn_texts = self.options.end_of_turn_text or self._detect_end_of_turn(probe)
 
     # ---------------------------------------------------------------- template plumbing
     def apply_template(self, messages: list[dict], tools, add_generation_prompt: bool) -> str:
@@ -119,27 +120,36 @@ class ChatRenderer:
             messages, tools=tools, chat_template=self.template, tokenize=False,
             add_generation_prompt=add_generation_prompt)
 
-    def _detect_closing_text(self) -> str:
+    def _probe_renders(self) -> dict[str, str | Exception]:
+        """A probe conversation rendered once in the three ways the detectors below read: the user turn
+        alone (`user`), with the generation prompt (`prompt`), and answered (`answered`). A rendering the
+        template refuses is kept as its exception."""
+        user = {"role": "user", "content": _PROBE_USER}
+        ways = {"user": ([user], False), "prompt": ([user], True),
+                "answered": ([user, {"role": "assistant", "content": _PROBE_ASSISTANT}], False)}
+        out: dict[str, str | Exception] = {}
+        for name, (messages, gen) in ways.items():
+            try:
+                out[name] = self.apply_template(messages, None, gen)
+            except Exception as e:
+                out[name] = e
+        return out
+
+    def _detect_closing_text(self, probe: dict) -> str:
         """eos_token if the template writes it only at the very end of a conversation rendered without
         a generation prompt (Phi-3 does). No turn owns it: it is cut from the prefix renderings, so such
         a template is not mistaken for one that rewrites history, and it is never trained."""
         eos = getattr(self.tokenizer, "eos_token", None)
-        user = {"role": "user", "content": _PROBE_USER}
-        try:
-            one = self.apply_template([user], None, False)
-            two = self.apply_template([user, {"role": "assistant", "content": _PROBE_ASSISTANT}], None, False)
-        except Exception:
+        one, two = probe["user"], probe["answered"]
+        if isinstance(one, Exception) or isinstance(two, Exception):
             return ""
         closes = eos and not two.startswith(one) and one.endswith(eos) and two.endswith(eos)
         return eos if closes and two.startswith(one[: -len(eos)]) else ""
 
-    def _detect_generation_prompt(self) -> str:
+    def _detect_generation_prompt(self, probe: dict) -> str:
         """What `add_generation_prompt` appends after a user turn (`<|im_start|>assistant\\n`), or ""."""
-        user = {"role": "user", "content": _PROBE_USER}
-        try:
-            plain = self.apply_template([user], None, False)
-            with_prompt = self.apply_template([user], None, True)
-        except Exception:
+        plain, with_prompt = probe["user"], probe["prompt"]
+        if isinstance(plain, Exception) or isinstance(with_prompt, Exception):
             return ""
         plain = plain[: len(plain) - len(self.closing_text)] if self.closing_text and plain.endswith(self.closing_text) else plain
         return with_prompt[len(plain):] if with_prompt.startswith(plain) else ""
@@ -155,19 +165,18 @@ class ChatRenderer:
             raise RecordError(row, "generation prompt is shorter than the previous turns", k)
         return head_end
 
-    def _detect_end_of_turn(self) -> tuple[str, ...]:
+    def _detect_end_of_turn(self, probe: dict) -> tuple[str, ...]:
         """What the template writes after an assistant message's content, minus trailing space."""
         found: list[str] = []
-        user = {"role": "user", "content": _PROBE_USER}
-        try:
-            head = self.apply_template([user], None, True)
-            full = self.apply_template([user, {"role": "assistant", "content": _PROBE_ASSISTANT}], None, False)
+        head, full = probe["prompt"], probe["answered"]
+        failed = next((r for r in (head, full) if isinstance(r, Exception)), None)
+        if failed is not None:  # a template that rejects the probe; fall back to eos below
+            warnings.warn(f"could not probe the chat template for its end-of-turn text ({failed}); using eos_token")
+        else:
             full = full[: len(full) - len(self.closing_text)] if self.closing_text else full
             at = full.find(_PROBE_ASSISTANT, len(head) if full.startswith(head) else 0)
             if at >= 0 and full[at + len(_PROBE_ASSISTANT):].strip():
                 found.append(full[at + len(_PROBE_ASSISTANT):].strip())
-        except Exception as e:  # a template that rejects the probe; fall back to eos below
-            warnings.warn(f"could not probe the chat template for its end-of-turn text ({e}); using eos_token")
         eos = getattr(self.tokenizer, "eos_token", None)
         if eos and eos not in found:
             found.append(eos)
