@@ -11,6 +11,11 @@ COMMANDS = {
     "kto": ("mtpo.trainers.kto", "train with multi-turn KTO (M-KTO):  mtpo kto config.yaml [--key=value ...]"),
     "sft": ("mtpo.trainers.sft", "masked multi-turn SFT / RAFT:        mtpo sft config.yaml [--key=value ...]"),
     "inspect": ("mtpo.inspect", "show which tokens are trained:       mtpo inspect DATA --tokenizer PATH"),
+    "generate": ("mtpo.agent.generate", "sample tool-using trajectories:      mtpo generate config.yaml [--shard I/N]"),
+    "eval": ("mtpo.agent.evaluate", "pass@1 / maj@k with the Python tool: mtpo eval config.yaml"),
+    "pairs": ("mtpo.agent.pairs", "graded rollouts → DPO/KTO/SFT rows:  mtpo pairs config.yaml"),
+    "iterate": ("mtpo.agent.iterate", "online iterative M-DPO/M-KTO loop:   mtpo iterate config.yaml"),
+    "demo": ("mtpo.demo", "the paper in miniature on CPU:       mtpo demo [--output_dir DIR] [--seed N]"),
 }
 
 

@@ -183,6 +183,14 @@ class ChatRenderer:
         return tuple(found)
 
     # ---------------------------------------------------------------- public API
+    def generation_context(self, messages: list[dict], tools=None) -> tuple[str, list[int]]:
+        """The text and token ids the policy sees before writing its next assistant turn:
+        `messages` rendered with the generation prompt, tokenized as `render` tokenizes. Rollouts
+        use exactly this, so that what is generated is what training later renders and masks."""
+        text = self.apply_template(messages, tools, True)
+        ids, _ = self._tokenize(text, -1)
+        return text, ids.tolist()
+
     def render(self, conv: Conversation, prompt_len: int = 0, _memo: dict | None = None) -> Rendered:
         """Render one conversation. `prompt_len` = number of leading prompt messages (a boundary is
         forced there so the prompt's tokens can be compared across the two sides of a pair)."""
