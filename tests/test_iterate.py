@@ -1,0 +1,248 @@
+"""`mtpo iterate` on CPU: the real loop (generate → grade → pairs → train) with a scripted policy.
+
+The examples' tiny model has random weights and almost never answers correctly, so sampling here
+goes through the real `run_generate` / rollout / grader with a scripted backend: it reads the
+question from the rendered context, writes a ```python cell, then answers — correctly with
+probability 1/2, drawn from the rollout's own per-turn seed. Every turn also spells the first hex
+digits of the sampling model's weights, so the rollouts prove which model they were sampled from.
+Training is real: the tiny model, a few steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+from concurrent.futures import Future
+from types import SimpleNamespace
+
+import pytest
+from safetensors.torch import load_file
+
+from mtpo.agent import iterate as it
+from mtpo.agent.backends import Generated
+from mtpo.config import ConfigError, build_config, load_config
+
+TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tiny-model")
+TRAIN = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
+         "save_strategy": "no", "report_to": "none", "use_cpu": True, "max_length": 512, "dtype": "float32"}
+
+
+def weights_sha(model_dir: str) -> str:
+    with open(os.path.join(model_dir, "model.safetensors"), "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:12]
+
+
+class ScriptedBackend:
+    """A policy: cell first, then a boxed answer, right with probability 1/2 (per-turn seed)."""
+
+    def __init__(self, tokenizer, model_dir: str, kill_at_call: int | None = None):
+        self.tok, self.tag, self.kill_at_call, self.calls = tokenizer, weights_sha(model_dir), kill_at_call, 0
+
+    def generate(self, prompts_ids, params, seeds, max_new_tokens):
+        self.calls += 1
+        if self.calls == self.kill_at_call:
+            raise Killed("killed during generation")
+        outs = []
+        for ids, seed in zip(prompts_ids, seeds):
+            context = self.tok.decode(ids)
+            a, b = map(int, re.findall(r"What is (\d+) \+ (\d+)\?", context)[-1])
+            rng = random.Random(seed)
+            if "```output" not in context:
+                text = f"[{self.tag}] note {rng.randint(0, 999)}\n```python\nprint({a} + {b})\n```\n```output"
+                outs.append(Generated(self.tok.encode(text, add_special_tokens=False), "stop", text))
+            else:
+                answer = a + b if rng.random() < 0.5 else a + b + 1
+                text = f"[{self.tag}] The answer is \\boxed{{{answer}}}."
+                ids_out = self.tok.encode(text, add_special_tokens=False) + [self.tok.convert_tokens_to_ids("<|im_end|>")]
+                outs.append(Generated(ids_out, "eos", text))
+        return outs
+
+
+class EvalExecutor:
+    """Runs `print(a + b)` cells by evaluating the sum (no sandbox needed for this fixed cell)."""
+
+    def submit(self, key, code):
+        fut = Future()
+        a, b = map(int, re.findall(r"print\((\d+) \+ (\d+)\)", code)[0])
+        fut.set_result(SimpleNamespace(output=f"{a + b}\n", ok=True, timed_out=False))
+        return fut
+
+    def close(self, key):
+        pass
+
+    def shutdown(self):
+        pass
+
+
+class Killed(Exception):
+    """Stands in for SIGKILL: nothing after it runs."""
+
+
+def make_runner(sampled: list, kill_generate: tuple[int, int] | None = None):
+    """The in-process stage runner, with `generate` on the scripted backend; records what it sampled from."""
+    from transformers import AutoTokenizer
+
+    from mtpo.agent.generate import GenerateConfig, run_generate
+
+    def runner(command, values, yaml_path):
+        if command != "generate":
+            return it.run_stage_inprocess(command, values, yaml_path)
+        model = values["model_name_or_path"]
+        sampled.append((model, weights_sha(model)))
+        kill = kill_generate[1] if kill_generate and len(sampled) == kill_generate[0] else None
+        tok = AutoTokenizer.from_pretrained(model)
+        run_generate(build_config(GenerateConfig, values), tokenizer=tok, backend=ScriptedBackend(tok, model, kill),
+                     executor=EvalExecutor())
+    return runner
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "sums.jsonl"
+    rng = random.Random(0)
+    rows = [{"question": f"What is {a} + {b}?", "answer": f"#### {a + b}"}
+            for a, b in ((rng.randint(10, 99), rng.randint(10, 99)) for _ in range(8))]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def config(out, prompts_file, **overrides) -> it.IterateConfig:
+    values = {"model_name_or_path": TINY, "output_dir": str(out), "prompts": [prompts_file], "iterations": 2,
+              "samples_per_prompt": 4, "seed": 3, "train": dict(TRAIN), "generate": {"prompts_per_round": 1},
+              **overrides}
+    return build_config(it.IterateConfig, values)
+
+
+def run(out, prompts_file, sampled=None, kill_generate=None, **overrides):
+    sampled = [] if sampled is None else sampled
+    return it.run_iterate(config(out, prompts_file, **overrides), runner=make_runner(sampled, kill_generate)), sampled
+
+
+def without_seconds(lines):
+    return [{k: v for k, v in line.items() if k != "seconds"} for line in lines]
+
+
+@pytest.fixture(scope="module")
+def dpo_fixed(tmp_path_factory, prompts_file):
+    out = tmp_path_factory.mktemp("dpo_fixed")
+    lines, sampled = run(out, prompts_file)
+    return out, lines, sampled
+
+
+def check_loop(out, lines, sampled, reference: str | None):
+    start = weights_sha(TINY)
+    it1, it2 = str(out / "iter_1" / "model"), str(out / "iter_2" / "model")
+    assert [s[0] for s in sampled] == [TINY, it1]  # iteration 2 samples from iteration 1's model …
+    assert sampled[1][1] == weights_sha(it1) != start  # … whose weights were trained
+    tags = {json.loads(line)["messages"][-1]["content"][1:13] for line in open(out / "iter_2" / "rollouts.jsonl")}
+    assert tags == {weights_sha(it1)}  # every iteration-2 trajectory was written by those weights
+    for k, line in enumerate(lines, start=1):
+        assert line["iteration"] == k and line["model"] == str(out / f"iter_{k}" / "model")
+        assert line["train_rows"] > 0 and line["train_skipped"] is None and line["train_steps"] == 2
+        assert 0 < line["sampling_accuracy"] < 1 and line["train_loss"] is not None
+        assert line["reference"] == (None if reference is None else TINY if reference == "fixed" else
+                                     [TINY, it1][k - 1])
+        assert os.path.isfile(out / f"iter_{k}" / "stages" / "train.json")
+        assert not [n for n in os.listdir(out / f"iter_{k}" / "model") if n.startswith("checkpoint-")]
+    assert os.path.realpath(out / "final") == os.path.realpath(it2)
+    assert [json.loads(x) for x in open(out / "iterations.jsonl")] == lines
+    # each iteration sampled its own half of the prompt file
+    ids = [{json.loads(x)["prompt_id"] for x in open(out / f"iter_{k}" / "rollouts.jsonl")} for k in (1, 2)]
+    assert len(ids[0]) == len(ids[1]) == 4 and not ids[0] & ids[1]
+
+
+def test_dpo_fixed_reference(dpo_fixed):
+    out, lines, sampled = dpo_fixed
+    check_loop(out, lines, sampled, "fixed")
+    assert all(line["pairs"] > 0 and line["reward_accuracy"] is not None for line in lines)
+    train2 = load_config(it.stage_class("train", "dpo"), str(out / "iter_2" / "train.yaml"))
+    assert train2.ref_model_name_or_path == TINY and train2.model_name_or_path == str(out / "iter_1" / "model")
+
+
+def test_dpo_previous_reference(tmp_path, prompts_file):
+    lines, sampled = run(tmp_path, prompts_file, reference="previous")
+    check_loop(tmp_path, lines, sampled, "previous")
+
+
+def test_kto(tmp_path, prompts_file):
+    lines, sampled = run(tmp_path, prompts_file, algorithm="kto")
+    check_loop(tmp_path, lines, sampled, "fixed")
+    assert all(line["kto_rows"]["desirable"] and line["kto_rows"]["undesirable"] for line in lines)
+
+
+def assert_same_run(out, reference):
+    ref_out, ref_lines, _ = reference
+    lines = [json.loads(x) for x in open(out / "iterations.jsonl")]
+    strip = lambda ls: json.loads(json.dumps(without_seconds(ls)).replace(str(out), "OUT"))  # noqa: E731
+    assert strip(lines) == json.loads(json.dumps(without_seconds(ref_lines)).replace(str(ref_out), "OUT"))
+    a, b = load_file(out / "final" / "model.safetensors"), load_file(ref_out / "final" / "model.safetensors")
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
+def test_killed_during_generation_resumes_to_the_same_result(tmp_path, prompts_file, dpo_fixed):
+    sampled = []
+    with pytest.raises(Killed):  # iteration 2's generation dies on its 5th backend call (3rd prompt)
+        run(tmp_path, prompts_file, sampled, kill_generate=(2, 5))
+    done = [json.loads(x)["prompt_id"] for x in open(tmp_path / "iter_2" / "rollouts.jsonl")]
+    assert len(set(done)) == 2 and not (tmp_path / "iter_2" / "stages" / "generate.json").exists()
+    run(tmp_path, prompts_file)
+    assert_same_run(tmp_path, dpo_fixed)
+
+
+def test_killed_during_training_resumes_from_checkpoint(tmp_path, prompts_file, dpo_fixed, monkeypatch):
+    from mtpo.trainers.base import MTPOTrainer
+
+    real_step, calls = MTPOTrainer.training_step, []
+
+    def dying_step(self, *args, **kwargs):
+        calls.append(self.args.output_dir)
+        if len(calls) == 4:  # iteration 2, step 2: checkpoint-1 exists
+            raise Killed("killed during training")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(MTPOTrainer, "training_step", dying_step)
+    train = {**TRAIN, "save_strategy": "steps", "save_steps": 1}
+    with pytest.raises(Killed):
+        run(tmp_path, prompts_file, train=train)
+    model_dir = tmp_path / "iter_2" / "model"
+    assert sorted(n for n in os.listdir(model_dir) if n.startswith("checkpoint-")) == ["checkpoint-1"]
+    calls.clear()
+    run(tmp_path, prompts_file, train=train)
+    assert calls == [str(model_dir)]  # only step 2 ran again: step 1 came from checkpoint-1
+    assert_same_run(tmp_path, dpo_fixed)
+
+
+def test_iteration_without_pairs_skips_training_loudly(tmp_path, prompts_file, capsys, monkeypatch):
+    monkeypatch.setattr(random.Random, "random", lambda self: 0.0)  # the scripted policy is always right
+    lines, sampled = run(tmp_path, prompts_file)
+    assert [line["pairs"] for line in lines] == [0, 0]
+    assert all(line["train_skipped"].startswith("no preference pairs") for line in lines)
+    assert [line["model"] for line in lines] == [TINY, TINY] and [s[0] for s in sampled] == [TINY, TINY]
+    assert lines[0]["prompts_skipped"]["all_correct"] == 4
+    assert "training SKIPPED" in capsys.readouterr().out
+    assert os.path.realpath(tmp_path / "final") == os.path.realpath(TINY)  # nothing trained: the start
+
+
+def test_bad_config_fails_before_anything_runs(tmp_path, prompts_file):
+    with pytest.raises(ConfigError, match="train: unknown option 'betaa'"):
+        config(tmp_path, prompts_file, train={"betaa": 0.1}).check()
+    with pytest.raises(ConfigError, match="generate: unknown option"):
+        config(tmp_path, prompts_file, generate={"temprature": 1.0}).check()
+    with pytest.raises(ConfigError, match="train.output_dir is set by mtpo iterate"):
+        config(tmp_path, prompts_file, train={"output_dir": "x"})
+    with pytest.raises(ConfigError, match="3 files for 2 iterations"):
+        config(tmp_path, prompts_file, prompts=[prompts_file] * 3).check()
+    assert not os.listdir(tmp_path)
+
+
+def test_rerun_with_a_different_config_is_refused(tmp_path, prompts_file):
+    cfg = config(tmp_path, prompts_file, iterations=1, samples_per_prompt=2, train={**TRAIN, "max_steps": 1})
+    it.check_same_run(cfg)
+    with pytest.raises(ConfigError, match="different config \\(seed"):
+        it.check_same_run(config(tmp_path, prompts_file, iterations=1, samples_per_prompt=2, seed=4,
+                                 train={**TRAIN, "max_steps": 1}))
+    shutil.rmtree(tmp_path)
