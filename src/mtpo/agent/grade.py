@@ -176,6 +176,13 @@ def _words(s: str) -> bool:
     return bool(re.fullmatch(r"[A-Za-z][A-Za-z\s'\-]*", s)) and bool(re.search(r"[A-Za-z]{3,}", s))
 
 
+def _has_variable(s: str) -> bool:
+    """A Latin letter outside command names, other than e and i (constants): `2x+1`, not `\\sqrt{2}`."""
+    if re.search(r"\\(?:int|oint|sum|prod|lim|operatorname)(?![a-zA-Z])", s):
+        return False  # bound variables (`\\int_0^1 x dx`) or named functions can still give a number
+    return bool(re.search(r"[a-df-hj-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", s)))
+
+
 def _exact_equal(p: str, vp: Fraction, g: str, vg: Fraction) -> bool:
     if vp == vg:
         return True
@@ -188,7 +195,8 @@ def _exact_equal(p: str, vp: Fraction, g: str, vg: Fraction) -> bool:
         while den % 5 == 0:
             den //= 5
         if k is not None and k >= 4 and decimal_places(other_s) is None and den != 1:
-            if abs(v - other) < Fraction(1, 10**k):
+            scaled = other * 10**k
+            if v in (Fraction(round(scaled), 10**k), Fraction(int(scaled), 10**k)):
                 return True
     return False
 
@@ -202,6 +210,9 @@ def _leaf_equal(p: str, g: str, timeout_s: float) -> bool:
     if vp is not None and vg is not None:
         _count("exact")
         return _exact_equal(p, vp, g, vg)
+    if (vp is not None and _has_variable(g)) or (vg is not None and _has_variable(p)):
+        _count("exact")  # a number against an expression in variables (`8` vs `6p^4 + 5`)
+        return False
     return _math_verify(p, g, timeout_s)
 
 
@@ -231,6 +242,9 @@ def _equal(p: str, g: str, timeout_s: float) -> bool:
     if kp == "leaf" and kg == "leaf":
         return _leaf_equal(sp[1], sg[1], timeout_s)
     if kp == "leaf" or kg == "leaf":  # a value against a collection: `x > 2` vs `(2, \infty)`
+        leaf = sp[1] if kp == "leaf" else sg[1]
+        if exact_value(leaf) is not None:  # a plain number is never a tuple, set or interval
+            return False
         return _math_verify(p, g, timeout_s)
     if kp == "seq" and kg == "seq":  # tuple, point or interval: brackets and order matter
         return sp[1:3] == sg[1:3] and len(sp[3]) == len(sg[3]) and all(

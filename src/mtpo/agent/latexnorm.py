@@ -36,8 +36,8 @@ _SIMPLE_SUBS = [
     (re.compile(r"\\rbrace"), r"\\}"),
     # thousands separators that cannot be list commas: 10,\!000 and 1{,}000
     (re.compile(r"(\d)\s*(?:,\s*\\!|\{,\})\s*(?=\d{3})"), r"\1"),
-    (re.compile(r"\\[!]"), ""),
-    (re.compile(r"\\[,;:> ]|\\q?quad(?![a-zA-Z])|~"), " "),
+    (re.compile(r"(?<!\\)\\!"), ""),
+    (re.compile(r"(?<!\\)\\[,;:> ]|\\q?quad(?![a-zA-Z])|~"), " "),
     (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree"), ""),
     (re.compile(r"\\?%"), ""),
     (re.compile(r"\\?\$"), ""),

@@ -63,7 +63,23 @@ def _parse(latex: str) -> tuple:
     from math_verify import LatexExtractionConfig, parse
 
     config = [LatexExtractionConfig(boxed_match_priority=0)]
-    return tuple(parse("\\boxed{" + latex + "}", extraction_config=config, parsing_timeout=None))
+    return tuple(_imaginary(x) for x in parse("\\boxed{" + latex + "}", extraction_config=config, parsing_timeout=None))
+
+
+def _imaginary(expr):
+    """math-verify reads `i` as a symbol, so `i^2` is not -1 there; in a final answer it is the
+    imaginary unit (applied to both sides alike)."""
+    import sympy
+
+    if not isinstance(expr, (sympy.Basic, sympy.MatrixBase)):
+        return expr
+    units = {s: sympy.I for s in expr.free_symbols if getattr(s, "name", None) == "i"}
+    if units:
+        try:
+            return expr.subs(units)
+        except Exception:  # noqa: BLE001 - keep the expression as parsed
+            return expr
+    return expr
 
 
 def _numbers_differ(a, b) -> bool:
@@ -95,6 +111,7 @@ def serve() -> None:
         raise _Deadline
 
     signal.signal(signal.SIGALRM, alarm)
+    compare("1", "\\sqrt{1}")  # import sympy/math-verify and build the parser before any deadline runs
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints from libraries must not corrupt the protocol
     for line in sys.stdin:
