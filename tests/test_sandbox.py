@@ -8,6 +8,7 @@ import random
 import socket
 import stat
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -358,13 +359,13 @@ def test_rlimits_mode_is_loudly_warned_and_still_limits(tmp_path):
 
 def test_output_capture_against_brute_force():
     """Head/tail truncation with multi-byte characters split across pipe reads equals slicing the string."""
-    from mtpo.agent.sandbox import _Capture
+    from mtpo.agent._sandbox_output import Capture
 
     for trial in range(500):
         rng = random.Random(trial)
         text = "".join(rng.choice("aé€𝄞\n") for _ in range(rng.randint(0, 600)))
         data, max_chars = text.encode(), rng.randint(16, 60)
-        capture = _Capture(4 * max_chars + rng.randint(0, 10))  # the sandbox keeps 4 bytes per character
+        capture = Capture(4 * max_chars + rng.randint(0, 10))  # the sandbox keeps 4 bytes per character
         i = 0
         while i < len(data):
             step = rng.randint(1, 17)
@@ -374,3 +375,24 @@ def test_output_capture_against_brute_force():
         expected = text if len(text) <= max_chars else (
             f"{text[:keep_head]}\n[... {len(text) - max_chars} characters cut ...]\n{text[len(text) - keep_tail:]}")
         assert capture.render("", max_chars) == expected, trial
+
+
+@needs_bwrap
+def test_seed_and_sessions_started_in_short_lived_threads():
+    sandbox = PythonSandbox(timeout_s=5, seed=123, **LIMITS)
+    sandbox.check()
+    code = "import random\nprint(random.random(), list({'apple', 'pear', 'fig', 'kiwi', 'plum'}))"
+    sessions = [sandbox.session() for _ in range(2)]
+    outputs = []
+    for s in sessions:  # started by a thread that exits right away: the session must outlive it
+        worker = threading.Thread(target=lambda s=s: outputs.append(s.run(code).output))
+        worker.start()
+        worker.join()
+    assert outputs[0] == outputs[1] and "0.052363598850944326" in outputs[0]  # random.seed(123) here too
+    random.seed(123)
+    assert outputs[0].startswith(repr(random.random()))
+    for s in sessions:
+        assert s.run("print('still alive')").output == "still alive\n"
+        s.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        sessions[0].run("1")

@@ -167,6 +167,9 @@ def main():
     except Exception as exc:
         _send(ctl_fd, {"ready": False, "error": _error_line(exc)})
         return
+    if cfg["seed"] is not None:  # the model's unseeded `random` draws repeat from run to run
+        import random
+        random.seed(cfg["seed"])
     _send(ctl_fd, {"ready": True})
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     del sys.argv[1:]

