@@ -246,3 +246,38 @@ def test_rerun_with_a_different_config_is_refused(tmp_path, prompts_file):
         it.check_same_run(config(tmp_path, prompts_file, iterations=1, samples_per_prompt=2, seed=4,
                                  train={**TRAIN, "max_steps": 1}))
     shutil.rmtree(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["m-dpo-gemma-7b-fixed", "m-dpo-gemma-7b-previous"])
+def test_paper_recipes(name):
+    root = os.path.dirname(TINY).rsplit(os.sep, 1)[0]
+    cfg = load_config(it.IterateConfig, os.path.join(root, "configs", "iterate", f"{name}.yaml"))
+    cfg.train["use_cpu"] = True  # bf16 is refused on a machine without a GPU unless training is on CPU
+    cfg.check_blocks()  # every nested option is one its command accepts
+    train = build_config(it.stage_class("train", "dpo"), it.stage_values(cfg, "train", placeholders=True))
+    processes = int(cfg.train_launch[cfg.train_launch.index("--num_processes") + 1])
+    assert processes * train.per_device_train_batch_size * train.gradient_accumulation_steps == 32
+    assert train.beta == 0.1 and 2e-7 <= train.learning_rate <= 4e-7 and train.max_length == 2048
+    assert train.lr_scheduler_type.value == "cosine" and train.warmup_steps == 0.1
+    assert cfg.iterations == len(cfg.prompts) == 3 and cfg.reference == name.rsplit("-", 1)[1]
+
+
+def test_example_config_is_valid():
+    root = os.path.dirname(TINY).rsplit(os.sep, 1)[0]
+    cfg = load_config(it.IterateConfig, os.path.join(root, "examples", "iterate.yaml"))
+    cfg.check_blocks()
+    assert cfg.iterations == 2 and cfg.model_name_or_path == "examples/tiny-model"
+
+
+def test_stage_yaml_reruns_by_hand_in_a_subprocess(dpo_fixed, tmp_path):
+    """iter_1/train.yaml is the exact command: `python -m mtpo dpo` on it retrains the same weights."""
+    import yaml
+
+    out = dpo_fixed[0]
+    values = yaml.safe_load(open(out / "iter_1" / "train.yaml"))
+    values["output_dir"] = str(tmp_path / "model")
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(values))
+    it.subprocess_runner()("dpo", values, str(path))
+    a, b = load_file(tmp_path / "model" / "model.safetensors"), load_file(out / "iter_1" / "model" / "model.safetensors")
+    assert all((a[k] == b[k]).all() for k in a)

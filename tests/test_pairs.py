@@ -109,9 +109,9 @@ def test_each_filter_counts_and_can_be_switched(bad, reason, flag):
     assert off.report["filtered"][reason] == 0 and off.report["pairs"] == 2
 
 
-def test_no_tool_call_is_kept_by_default():
+def test_no_tool_call_is_dropped_by_default_as_in_the_original_pair_script():
     records = mixed("a", 1, 1) + [traj("a", 2, True, calls=0)]
-    assert build_pairs(records).report["filtered"]["no_tool_call"] == 0
+    assert build_pairs(records).report["filtered"]["no_tool_call"] == 1
 
 
 def test_duplicates_counted_and_never_paired_with_themselves():

@@ -39,8 +39,7 @@ from typing import Any, Callable
 import yaml
 
 from mtpo.agent import pairs as P
-from mtpo.agent.prompts import _default_name
-from mtpo.config import ConfigError, build_config, load_config
+from mtpo.config import ConfigError, _looks_local, build_config, load_config
 from mtpo.data import RecordError, load_rows
 
 logger = logging.getLogger("mtpo")
@@ -83,6 +82,8 @@ class IterateConfig:
     eval_start_model: bool = field(default=True, metadata={"help": "With eval_prompts: also evaluate the starting model."})
     stage_process: str = field(default="auto", metadata={"help": "auto (subprocess with CUDA, else in-process) | "
                                "subprocess | inprocess."})
+    train_launch: list[str] = field(default_factory=list, metadata={"help": "Launcher for the training stage, e.g. "
+                                    "[accelerate, launch, --num_processes, '8'] (runs `… -m mtpo dpo train.yaml`)."})
     keep_checkpoints: bool = field(default=False, metadata={"help": "Keep model/checkpoint-* after training finished."})
 
     def __post_init__(self):
@@ -92,6 +93,8 @@ class IterateConfig:
                                     ("stage_process", self.stage_process, STAGE_PROCESS)):
             if value not in allowed:
                 raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+        if self.train_launch and self.stage_process == "inprocess":
+            raise ConfigError("train_launch needs stage_process: subprocess (or auto)")
         if self.iterations < 1 or self.samples_per_prompt < 1:
             raise ConfigError("iterations and samples_per_prompt must be at least 1")
         if self.samples_per_prompt < 2 and self.algorithm != "sft":
@@ -115,8 +118,12 @@ class IterateConfig:
             raise ConfigError(f"prompts: {len(self.prompts)} files for {self.iterations} iterations (give 1 or "
                               f"{self.iterations})")
         for path in self.prompts + ([self.eval_prompts] if self.eval_prompts else []):
-            if not os.path.exists(path):
+            if _looks_local(path) and not os.path.exists(path):  # else a Hub dataset name
                 raise ConfigError(f"prompt file not found: {path}")
+        self.check_blocks()
+
+    def check_blocks(self) -> None:
+        """Each nested block against its command's config class: a typo fails before anything runs."""
         if self.train.get("use_peft"):
             raise ConfigError("train.use_peft: not supported by mtpo iterate (each iteration samples from full weights)")
         for stage in ("generate", "pairs", "train") + (("eval",) if self.eval_prompts else ()):
@@ -187,6 +194,8 @@ def prompts_for(config: IterateConfig, iteration: int, workdir: str, placeholder
     P.prompt_rng(config.seed, "split").shuffle(order)
     part = order[(iteration - 1) * len(rows) // config.iterations: iteration * len(rows) // config.iterations]
     if not config.generate.get("id_field"):  # keep the ids of the whole file ("<name>/<row>"): traceable
+        from mtpo.agent.prompts import _default_name  # the naming `mtpo generate` uses
+
         name = config.generate.get("prompt_name") or _default_name(config.prompts[0])
         rows = [{**row, SPLIT_ID_FIELD: f"{name}/{i}"} for i, row in enumerate(rows)]
     P.atomic_write_jsonl(path, [rows[i] for i in sorted(part)])
@@ -196,11 +205,19 @@ def prompts_for(config: IterateConfig, iteration: int, workdir: str, placeholder
 StageRunner = Callable[[str, dict, str], None]  # (command, values, yaml path)
 
 
-def run_stage_subprocess(command: str, values: dict, yaml_path: str) -> None:
-    """`python -m mtpo <command> <yaml>`: the model lives and dies with that process."""
-    result = subprocess.run([sys.executable, "-m", "mtpo", command, yaml_path])
-    if result.returncode != 0:
-        raise RuntimeError(f"stage `mtpo {command} {yaml_path}` failed with exit code {result.returncode}")
+def subprocess_runner(train_launch: list[str] | None = None) -> StageRunner:
+    """Each stage as `python -m mtpo <command> <yaml>` (training: `<train_launch> -m mtpo …` when given):
+    the model lives and dies with that process."""
+
+    def run(command: str, values: dict, yaml_path: str) -> None:
+        launch = list(train_launch) if train_launch and command in TRAINERS else [sys.executable]
+        cmd = launch + ["-m", "mtpo", command, yaml_path]
+        logger.info("stage: %s", " ".join(cmd))
+        result = subprocess.run(cmd)
+        if result.returncode != 0:
+            raise RuntimeError(f"stage `{' '.join(cmd)}` failed with exit code {result.returncode}")
+
+    return run
 
 
 def run_stage_inprocess(command: str, values: dict, yaml_path: str) -> None:
@@ -231,14 +248,15 @@ def free_cuda_cache() -> None:
 
 
 def default_runner(config: IterateConfig) -> StageRunner:
-    if config.stage_process == "subprocess":
-        return run_stage_subprocess
-    if config.stage_process == "auto":
+    """Subprocesses when asked, when a launcher is given, or (auto) when CUDA is present; else in-process."""
+    if config.stage_process == "auto" and not config.train_launch:
         import torch
 
-        if torch.cuda.is_available():
-            return run_stage_subprocess
-    return run_stage_inprocess
+        if not torch.cuda.is_available():
+            return run_stage_inprocess
+    if config.stage_process == "inprocess":
+        return run_stage_inprocess
+    return subprocess_runner(config.train_launch)
 
 
 # ------------------------------------------------------------------------------------------ the loop

@@ -10,7 +10,7 @@ result does not depend on the order of the input files or on how generation was 
 Filters, applied in this order, each trajectory counted under the first one it fails:
   hit_limit        finish_reason max_calls / max_tokens / length (the policy never finished)
   last_tool_error  the last tool output was an error (last_tool_ok false, or finish_reason tool_error)
-  no_tool_call     no tool call at all (off by default: a direct correct answer is still correct)
+  no_tool_call     no tool call at all (as the original pair script did; `drop_no_tool_call: false` keeps them)
   duplicate        the same message list as an earlier sample of the same prompt
 Prompts whose kept samples are all correct or all wrong give no pair and are counted.
 KTO rows: every kept trajectory, label = correct (`kto_balance` down-samples the larger class, seeded).
@@ -53,7 +53,7 @@ class PairsConfig:
     seed: int = field(default=42, metadata={"help": "Seed of the pair draw (mixed with each prompt id)."})
     drop_hit_limit: bool = field(default=True, metadata={"help": "Drop trajectories that hit max_calls/max_tokens/length."})
     drop_last_tool_error: bool = field(default=True, metadata={"help": "Drop trajectories whose last tool output is an error."})
-    drop_no_tool_call: bool = field(default=False, metadata={"help": "Drop trajectories that made no tool call."})
+    drop_no_tool_call: bool = field(default=True, metadata={"help": "Drop trajectories that made no tool call."})
     drop_duplicates: bool = field(default=True, metadata={"help": "Drop repeated message lists within a prompt."})
     kto_balance: bool = field(default=False, metadata={"help": "Down-sample the larger KTO class to the smaller (seeded)."})
 
