@@ -42,7 +42,7 @@ DATA = Path("/work/shared/data")
 
 def variants(gold: str) -> dict[str, str]:
     """The same answer written differently (value-preserving rewrites)."""
-    ws = re.sub(r"\s*((?<!\d),|,(?!\d{3})|[=+<>])\s*", r" \1 ", gold)  # not inside 115,000
+    ws = re.sub(r"(?<!\\)\s*((?<![\d\\]),|(?<!\\),(?!\d{3})|[=+<>])\s*", r" \1 ", gold)  # not inside 115,000
     ws = re.sub(r"\s*(\\frac|\\sqrt)", r" \1", ws).strip()
     dfrac = re.sub(r"\\frac(?![a-zA-Z])", r"\\dfrac", gold)
     left = re.sub(r"(?<!\\)([(\[])", r"\\left\1", gold)
@@ -54,7 +54,8 @@ def variants(gold: str) -> dict[str, str]:
 
 def mutate_digit(gold: str, rng: random.Random) -> str | None:
     """`gold` with one digit replaced by another (None if it has no digit)."""
-    spots = [m.start() for m in re.finditer(r"\d", gold)]
+    units = [m.span() for m in re.finditer(r"\\text\{[^}]*\}(?:\^\{?\d\}?)?", gold)]  # not a value's digit
+    spots = [m.start() for m in re.finditer(r"\d", gold) if not any(a <= m.start() < b for a, b in units)]
     if not spots:
         return None
     i = rng.choice(spots)

@@ -89,6 +89,7 @@ TABLE = [
     ("\\frac{68}{3}\\text{ pounds}", "\\frac{68}{3}", True, "units after a fraction"),
     ("5 inches", "5", True, "bare unit words after a number"),
     ("6\\text{ cm}", "5", False, "units do not make a wrong number right"),
+    ("x = 5 inches", "5", True, "assignment with a bare unit"),
     ("30^\\circ", "30", True, "degrees: ^\\circ"),
     ("30^{\\circ}", "30", True, "degrees: ^{\\circ}"),
     ("\\theta = 30^\\circ", "30", True, "assignment and degrees"),
@@ -185,6 +186,9 @@ TABLE = [
     ("B", "C", False, "different choice"),
     ("\\text{June 20}", "June 20", True, "text with a number"),
     ("yes", "sey", False, "letters are not commuting symbols in a word"),
+    ("-221_6", "-221_3", False, "numerals in different bases (math-verify alone drops the base)"),
+    ("141_{13}", "141_{13}", True, "the same numeral in the same base"),
+    ("\\log_2 8", "\\log_{2} 8", True, "a subscript that is not a base"),
 ]
 
 
@@ -372,6 +376,17 @@ def test_stuck_worker_is_killed_and_replaced(monkeypatch):
         assert worker.proc.poll() is not None and not pool._all  # killed and forgotten
         monkeypatch.setattr(mathverify_pool, "KILL_GRACE_S", 3.0)
         assert pool.check("3\\sqrt2", "\\sqrt{18}", 10.0) == (True, None)  # a fresh worker
+    finally:
+        pool.shutdown()
+
+
+def test_dead_worker_is_an_error_not_a_timeout(monkeypatch):
+    """A worker that cannot start (say math-verify is missing) is reported as an error."""
+    monkeypatch.setattr(mathverify_pool, "_WORKER_CMD", "import sys; sys.exit(3)")
+    pool = mathverify_pool.MathVerifyPool(max_workers=1)
+    try:
+        result, error = pool.check("\\sqrt{2}", "1", 5.0)
+        assert result is False and "exited with code 3" in error
     finally:
         pool.shutdown()
 

@@ -24,7 +24,7 @@ from fractions import Fraction
 
 _TEXT_CMDS = r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|operatorname)"
 _TEXT_GROUP = re.compile(_TEXT_CMDS + r"\s*\{([^{}]*)\}")
-_UNIT_GROUP = re.compile(r"(?<=\S)\s*" + _TEXT_CMDS + r"\s*\{\s*([A-Za-z][A-Za-z.\s]*)\}(?:\s*\^\s*\{?[23]\}?)?")
+_UNIT_GROUP = re.compile(r"(?<=\S)\s*" + _TEXT_CMDS + r"\s*\{\s*([A-Za-z][A-Za-z.\s]*)\}(?:\s*\^\s*\{?\d\}?)?")
 _TRAILING_WORDS = re.compile(r"^(.*[\d}])\s+[A-Za-z]{2,}[A-Za-z.\s]*(?:\^\{?[23]\}?)?$")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SIMPLE_SUBS = [
@@ -38,7 +38,7 @@ _SIMPLE_SUBS = [
     (re.compile(r"(\d)\s*(?:,\s*\\!|\{,\})\s*(?=\d{3})"), r"\1"),
     (re.compile(r"(?<!\\)\\!"), ""),
     (re.compile(r"(?<!\\)\\[,;:> ]|\\q?quad(?![a-zA-Z])|~"), " "),
-    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|\\circ|°|\\degree"), ""),
+    (re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree(?![a-zA-Z])"), ""),  # not f \circ g
     (re.compile(r"\\?%"), ""),
     (re.compile(r"\\?\$"), ""),
     (re.compile(r"∞|\\infinity|\\inf(?![a-zA-Z])"), r"\\infty"),
@@ -71,7 +71,7 @@ def normalize(s: str) -> str:
         s = unwrapped
     s = " ".join(s.split()).strip()
     m = _TRAILING_WORDS.match(s)
-    if m and not re.search(r"[A-Za-z]", m.group(1).replace("\\frac", "")):
+    if m and not re.search(r"[A-Za-z]", strip_var(m.group(1)).replace("\\frac", "")):
         s = m.group(1)  # "5 cm", "90 square units" -> the number
     s = s.rstrip(".").strip()
     if _THOUSANDS.fullmatch(s):

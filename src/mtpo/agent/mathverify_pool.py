@@ -139,7 +139,6 @@ class _Worker:
             [sys.executable, "-c", _WORKER_CMD],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
             text=True,
             bufsize=1,
         )
@@ -154,10 +153,12 @@ class _Worker:
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s + KILL_GRACE_S + self.startup_s)
         self.startup_s = 0.0
         line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.kill()
-            return {"r": None, "killed": True}
-        return json.loads(line)
+        if line:
+            return json.loads(line)
+        self.kill()
+        if ready:  # end of file: it died (e.g. math-verify missing), an error rather than a timeout
+            return {"r": False, "e": f"math-verify worker exited with code {self.proc.returncode}", "killed": True}
+        return {"r": None, "killed": True}
 
     def alive(self) -> bool:
         return self.proc.poll() is None
