@@ -307,13 +307,17 @@ class Session:
         proc = self._proc
         if proc is None:
             return
-        targets = [self._init_pid, proc.pid] if self.sandbox.isolation == "bwrap" else [-proc.pid]
-        for pid in targets:
-            if pid is not None:
-                try:
-                    os.kill(pid, signal.SIGKILL) if pid > 0 else os.killpg(-pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+        if self.sandbox.isolation != "bwrap":
+            targets = [lambda: os.killpg(proc.pid, signal.SIGKILL)]  # the server's session (start_new_session)
+        else:  # the init is not our child: its pid could be reused once it is gone, so check it is still it
+            init_pid = self._init_pid if self._init_pid and start_time(self._init_pid) == self._init_start else 0
+            targets = [lambda: init_pid and os.kill(init_pid, signal.SIGKILL),
+                       lambda: proc.send_signal(signal.SIGKILL)]  # bwrap: our child, a no-op once reaped
+        for kill in targets:
+            try:
+                kill()
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _cleanup(self) -> None:
         if self._proc is not None:
