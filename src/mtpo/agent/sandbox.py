@@ -58,8 +58,8 @@ from functools import cached_property
 from pathlib import Path
 
 from mtpo.agent._sandbox_output import Capture
-from mtpo.agent._sandbox_proc import (describe_exit, find_bwrap, frame, minimal_env, no_process_filter, start_time,
-                                     wait_gone)
+from mtpo.agent._sandbox_proc import (bwrap_supports_size, describe_exit, find_bwrap, frame, minimal_env,
+                                     no_process_filter, start_time, wait_gone)
 
 __all__ = ["PythonSandbox", "Session", "CellResult", "SandboxPool", "SandboxUnavailable", "SandboxError"]
 
@@ -173,11 +173,27 @@ class PythonSandbox:
             args += ["--ro-bind-try", path, path]
         for root in self._python_roots:
             args += ["--ro-bind", root, root]
-        args += ["--proc", "/proc", "--dev", "/dev", "--size", str(self.tmpfs_mb * 1024 * 1024),
-                 "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        if bwrap_supports_size(self.bwrap):
+            args += ["--size", str(self.tmpfs_mb * 1024 * 1024)]
+        args += ["--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
         for key, value in minimal_env("/tmp").items():
             args += ["--setenv", key, value]
         return args + ["--", *self._python_argv(ctl_fd)]
+
+
+def _read_init_pid(info_r: int) -> int | None:
+    """The host pid of the PID-namespace init: bwrap writes {"child-pid": N} to --info-fd, then closes it."""
+    data = b""
+    with selectors.DefaultSelector() as sel:
+        sel.register(info_r, selectors.EVENT_READ)
+        while sel.select(5.0) and (chunk := os.read(info_r, 4096)):
+            data += chunk
+    try:
+        return json.loads(data)["child-pid"]
+    except (ValueError, KeyError):
+        log.warning("sandbox: bwrap reported no child pid (%r); timeouts will kill bwrap only", data[:200])
+        return None
 
 
 class Session:
@@ -270,8 +286,9 @@ class Session:
         self.starts += 1
         try:
             hello = self._wait_frame(time.monotonic() + sb.start_timeout_s, Capture(65536))
-            self._init_pid = self._read_init_pid(info_r, sb.isolation == "bwrap")
-            self._init_start = start_time(self._init_pid)
+            if hello == b"R" and sb.isolation == "bwrap":
+                self._init_pid = _read_init_pid(info_r)
+                self._init_start = start_time(self._init_pid)
         except BaseException:
             self._cleanup()
             raise
@@ -279,14 +296,6 @@ class Session:
             os.close(info_r)
         if hello != b"R":
             self._fail_start(hello)
-
-    def _read_init_pid(self, info_r: int, bwrap: bool) -> int | None:
-        if not bwrap:
-            return None
-        data = b""
-        while chunk := os.read(info_r, 4096):  # bwrap writes {"child-pid": N} and closes the fd
-            data += chunk
-        return json.loads(data).get("child-pid") if data else None
 
     def _fail_start(self, hello) -> None:
         text = self._last_start_output
