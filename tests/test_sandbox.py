@@ -279,6 +279,9 @@ def test_huge_output_is_truncated_head_and_tail():
         assert r.ok and f"[... {10**7 + 1 - 400} characters cut ...]" in r.output and len(r.output) < 500
         r = s.run("print('x' * 10**6)\n1/0")
         assert r.output.endswith("x\nZeroDivisionError: division by zero") and len(r.output) < 500
+        r = s.run("raise ValueError('y' * 10**7)")  # a huge error line: still one short error, session kept
+        assert not r.ok and not r.crashed and len(r.output) < 500 and len(r.error) < 500
+        assert r.output.startswith("ValueError: yyy") and s.run("print(i)").output == f"{n - 1}\n"
 
 
 @needs_bwrap

@@ -55,6 +55,13 @@ class Capture:
     def text(self, max_bytes: int = 4096) -> str:
         return bytes(self.head[:max_bytes]).decode("utf-8", "replace")
 
+    @staticmethod
+    def cut(text: str, max_chars: int) -> str:
+        """`text` cut to `max_chars` characters like `render` does (head and tail halves kept)."""
+        capture = Capture(4 * max_chars + 4096)
+        capture.feed(text.encode("utf-8", "surrogatepass"))
+        return capture.render("", max_chars)
+
     def render(self, suffix: str, max_chars: int) -> str:
         """The captured text + `suffix`, cut to `max_chars` characters (head and tail halves kept)."""
         keep_head = max_chars // 2

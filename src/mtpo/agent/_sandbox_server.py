@@ -65,7 +65,9 @@ def _error_line(exc):
     import traceback  # lazily: it costs start-up time and most cells do not fail
 
     lines = traceback.format_exception_only(type(exc), exc)
-    return lines[-1].strip() if lines else type(exc).__name__
+    line = lines[-1].strip() if lines else type(exc).__name__
+    # a huge message must not make a huge reply frame (the parent treats > 1 MiB as a broken session)
+    return line if len(line) <= 20000 else f"{line[:10000]} ... {line[-10000:]}"
 
 
 def run_cell(code, namespace):

@@ -393,6 +393,8 @@ class Session:
             self._drain_into(capture, time.monotonic() + 0.05, until_eof=False)
             error = reply[1:].decode("utf-8", "replace") if reply[:1] == b"E" else None
             suffix = "" if error is None else ("" if capture.ends_with_newline() else "\n") + error
+            if error is not None and len(error) > sb.max_output_chars:
+                error = Capture.cut(error, sb.max_output_chars)
             return CellResult(capture.render(suffix, sb.max_output_chars), ok=error is None, error=error)
         timed_out = reply == "timeout"
         if not timed_out:  # the process died: let bwrap exit by itself to learn how the child ended
