@@ -86,17 +86,20 @@ def make_runner(sampled: list, kill_generate: tuple[int, int] | None = None):
     """The in-process stage runner, with `generate` on the scripted backend; records what it sampled from."""
     from transformers import AutoTokenizer
 
+    from mtpo.agent.evaluate import EvalConfig, run_eval
     from mtpo.agent.generate import GenerateConfig, run_generate
 
     def runner(command, values, yaml_path):
-        if command != "generate":
+        if command not in ("generate", "eval"):
             return it.run_stage_inprocess(command, values, yaml_path)
         model = values["model_name_or_path"]
-        sampled.append((model, weights_sha(model)))
-        kill = kill_generate[1] if kill_generate and len(sampled) == kill_generate[0] else None
+        sampled.append((command, model, weights_sha(model)))
+        generations = sum(s[0] == "generate" for s in sampled)
+        kill = kill_generate[1] if kill_generate and command == "generate" and generations == kill_generate[0] else None
         tok = AutoTokenizer.from_pretrained(model)
-        run_generate(build_config(GenerateConfig, values), tokenizer=tok, backend=ScriptedBackend(tok, model, kill),
-                     executor=EvalExecutor())
+        stage = (run_generate, GenerateConfig) if command == "generate" else (run_eval, EvalConfig)
+        stage[0](build_config(stage[1], values), tokenizer=tok, backend=ScriptedBackend(tok, model, kill),
+                 executor=EvalExecutor())
     return runner
 
 
@@ -136,6 +139,7 @@ def dpo_fixed(tmp_path_factory, prompts_file):
 def check_loop(out, lines, sampled, reference: str | None):
     start = weights_sha(TINY)
     it1, it2 = str(out / "iter_1" / "model"), str(out / "iter_2" / "model")
+    sampled = [s[1:] for s in sampled if s[0] == "generate"]
     assert [s[0] for s in sampled] == [TINY, it1]  # iteration 2 samples from iteration 1's model …
     assert sampled[1][1] == weights_sha(it1) != start  # … whose weights were trained
     tags = {json.loads(line)["messages"][-1]["content"][1:13] for line in open(out / "iter_2" / "rollouts.jsonl")}
@@ -149,7 +153,7 @@ def check_loop(out, lines, sampled, reference: str | None):
         assert os.path.isfile(out / f"iter_{k}" / "stages" / "train.json")
         assert not [n for n in os.listdir(out / f"iter_{k}" / "model") if n.startswith("checkpoint-")]
     assert os.path.realpath(out / "final") == os.path.realpath(it2)
-    assert [json.loads(x) for x in open(out / "iterations.jsonl")] == lines
+    assert [json.loads(x) for x in open(out / "iterations.jsonl")][-2:] == lines
     # each iteration sampled its own half of the prompt file
     ids = [{json.loads(x)["prompt_id"] for x in open(out / f"iter_{k}" / "rollouts.jsonl")} for k in (1, 2)]
     assert len(ids[0]) == len(ids[1]) == 4 and not ids[0] & ids[1]
@@ -163,9 +167,15 @@ def test_dpo_fixed_reference(dpo_fixed):
     assert train2.ref_model_name_or_path == TINY and train2.model_name_or_path == str(out / "iter_1" / "model")
 
 
-def test_dpo_previous_reference(tmp_path, prompts_file):
-    lines, sampled = run(tmp_path, prompts_file, reference="previous")
-    check_loop(tmp_path, lines, sampled, "previous")
+def test_dpo_previous_reference_with_eval(tmp_path, prompts_file):
+    lines, sampled = run(tmp_path, prompts_file, reference="previous", eval_prompts=prompts_file, eval={"limit": 3})
+    assert lines[0]["iteration"] == 0 and lines[0]["model"] == TINY
+    check_loop(tmp_path, lines[1:], sampled, "previous")
+    evaluated = [s[1] for s in sampled if s[0] == "eval"]
+    assert evaluated == [TINY] + [str(tmp_path / f"iter_{k}" / "model") for k in (1, 2)]
+    for k, line in enumerate(lines):
+        results = json.loads((tmp_path / f"iter_{k}" / "eval" / "results.json").read_text())
+        assert line["eval"]["pass@1"] == results["pass@1"] and line["eval"]["problems"] == 3
 
 
 def test_kto(tmp_path, prompts_file):
@@ -221,7 +231,7 @@ def test_iteration_without_pairs_skips_training_loudly(tmp_path, prompts_file, c
     lines, sampled = run(tmp_path, prompts_file)
     assert [line["pairs"] for line in lines] == [0, 0]
     assert all(line["train_skipped"].startswith("no preference pairs") for line in lines)
-    assert [line["model"] for line in lines] == [TINY, TINY] and [s[0] for s in sampled] == [TINY, TINY]
+    assert [line["model"] for line in lines] == [TINY, TINY] and [s[1] for s in sampled] == [TINY, TINY]
     assert lines[0]["prompts_skipped"]["all_correct"] == 4
     assert "training SKIPPED" in capsys.readouterr().out
     assert os.path.realpath(tmp_path / "final") == os.path.realpath(TINY)  # nothing trained: the start

@@ -155,8 +155,10 @@ def test_sharded_inputs_give_the_unsharded_result_and_cli_writes_files(tmp_path)
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     one = run_pairs(PairsConfig(rollouts=[str(whole)], output_dir=str(tmp_path / "one")))
     assert cli([f"--rollouts={s0},{s1}", f"--output_dir={tmp_path / 'two'}"]) == 0
+    assert cli([f"--rollouts={tmp_path / 's*.jsonl'}", f"--output_dir={tmp_path / 'glob'}"]) == 0
     for name in ("pairs.jsonl", "kto.jsonl", "sft.jsonl"):
         assert (tmp_path / "one" / name).read_text() == (tmp_path / "two" / name).read_text()
+        assert (tmp_path / "one" / name).read_text() == (tmp_path / "glob" / name).read_text()
     report = json.loads((tmp_path / "two" / "pairs_report.json").read_text())
     assert report["pairs"] == one["pairs"] == 6 and report["inputs"] == [str(s0), str(s1)]
     assert not list(tmp_path.glob("*/*.tmp*"))  # no temporary file left behind

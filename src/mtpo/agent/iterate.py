@@ -337,13 +337,11 @@ def eval_stage(config: IterateConfig, k: int, workdir: str, policy: str, runner:
 
 
 def read_eval_results(eval_dir: str) -> dict:
-    """pass@1 (and maj@k when present) from the JSON `mtpo eval` writes."""
-    for name in sorted(os.listdir(eval_dir)):
-        if name.endswith(".json"):
-            with open(os.path.join(eval_dir, name), encoding="utf-8") as f:
-                data = json.load(f)
-            return {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    raise RuntimeError(f"mtpo eval wrote no JSON results in {eval_dir}")
+    """The overall numbers (problems, pass@1, maj@k, pass@k) of the results.json `mtpo eval` writes."""
+    path = os.path.join(eval_dir, "results.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    return {k: v for k, v in data.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def run_iteration(config: IterateConfig, k: int, policy: str, runner: StageRunner) -> dict:

@@ -24,6 +24,7 @@ Rows carry `prompt_id` (and the sample indices) for traceability; the trainers i
 from __future__ import annotations
 
 import argparse
+import glob
 import hashlib
 import json
 import logging
@@ -47,7 +48,7 @@ OUTPUT_FILES = {"dpo": "pairs.jsonl", "kto": "kto.jsonl", "sft": "sft.jsonl", "r
 class PairsConfig:
     """`mtpo pairs` options."""
 
-    rollouts: list[str] = field(default_factory=list, metadata={"help": "Trajectory JSONL file(s), e.g. all shards."})
+    rollouts: list[str] = field(default_factory=list, metadata={"help": "Trajectory JSONL file(s) or patterns (all shards)."})
     output_dir: str = field(default="outputs/pairs", metadata={"help": "Where pairs/kto/sft .jsonl + report go."})
     pairs_per_prompt: int = field(default=1, metadata={"help": "Distinct (correct, incorrect) pairs per prompt, at most."})
     seed: int = field(default=42, metadata={"help": "Seed of the pair draw (mixed with each prompt id)."})
@@ -92,8 +93,14 @@ def load_trajectories(paths: list[str]) -> list[dict]:
     """All records of all files, validated; a (prompt_id, sample) seen twice is an error (overlapping shards)."""
     if not paths:
         raise ConfigError("rollouts: no trajectory file given")
+    expanded = []
+    for path in paths:  # a pattern (`iter_1/rollouts.*.jsonl`) stands for all shards it matches
+        matches = sorted(glob.glob(path)) if glob.has_magic(path) else [path]
+        if not matches:
+            raise ConfigError(f"rollouts: no file matches {path}")
+        expanded += matches
     records, seen = [], {}
-    for path in paths:
+    for path in expanded:
         for i, rec in enumerate(load_rows(path)):
             check_record(rec, i, path)
             key = (str(rec["prompt_id"]), rec.get("sample"))
