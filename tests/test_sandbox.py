@@ -285,12 +285,20 @@ def test_huge_output_is_truncated_head_and_tail():
 
 
 @needs_bwrap
-def test_filling_the_disk(sandbox):
+def test_filling_the_disk_and_other_host_memory(sandbox):
     with sandbox.session() as s:
         r = s.run("with open('big', 'wb') as f:\n    while True:\n        f.write(b'x' * 2**20)")
         assert_contained(sandbox, s, r, "File too large")  # RLIMIT_FSIZE (4 MB here)
         r = s.run("for i in range(100):\n    open(f'f{i}', 'wb').write(b'x' * 3 * 2**20)")
         assert_contained(sandbox, s, r, "No space left on device")  # the 16 MB tmpfs
+        r = s.run("for i in range(100):\n    open(f'/dev/shm/f{i}', 'wb').write(b'x' * 3 * 2**20)")
+        assert_contained(sandbox, s, r, "No space left on device")  # /dev/shm: its own 16 MB tmpfs
+        assert_contained(sandbox, s, s.run("open('/dev/probe', 'w')"), "Read-only file system")
+        # host RAM outside the tmpfs sizes and RLIMIT_AS: memfd files, SysV shared memory
+        assert_contained(sandbox, s, s.run("import os\nos.memfd_create('m')"), "PermissionError")
+        r = s.run("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                  "if libc.shmget(0, 2**30, 0o1600) == -1:\n    raise OSError(ctypes.get_errno(), 'shmget refused')")
+        assert_contained(sandbox, s, r, "[Errno 1] shmget refused")
 
 
 @needs_bwrap

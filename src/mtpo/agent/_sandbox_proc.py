@@ -90,11 +90,14 @@ def describe_exit(rc: int | None, bwrap: bool) -> tuple[str, bool]:
     return f"RuntimeError: the Python session exited (status {rc}); its state is lost", False
 
 
-# seccomp: refuse new processes (clone without CLONE_THREAD, fork, vfork; clone3 -> ENOSYS so that
-# libc falls back to clone for threads). Per architecture: (AUDIT_ARCH value, syscall numbers).
+# seccomp. Always refused: host memory the rlimits do not bound — SysV shared memory and message
+# queues (shmget, msgget) and memfd_create. Unless allow_subprocess: new processes (fork, vfork, clone
+# without CLONE_THREAD; clone3 -> ENOSYS so that libc falls back to clone for threads).
+# Per architecture: (AUDIT_ARCH value, syscall numbers).
 _ARCHES = {
-    "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435}),
-    "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435}),
+    "x86_64": (0xC000003E, {"clone": 56, "fork": 57, "vfork": 58, "clone3": 435,
+                            "shmget": 29, "msgget": 68, "memfd_create": 319}),
+    "aarch64": (0xC00000B7, {"clone": 220, "clone3": 435, "shmget": 194, "msgget": 186, "memfd_create": 279}),
 }
 
 
@@ -102,11 +105,11 @@ def _bpf(code: int, jt: int, jf: int, k: int) -> bytes:
     return struct.pack("HBBI", code, jt, jf, k)  # struct sock_filter
 
 
-def no_process_filter(machine: str | None = None) -> bytes:
-    """A seccomp-BPF program that lets a process create threads but not processes."""
+def seccomp_filter(allow_subprocess: bool, machine: str | None = None) -> bytes:
+    """The session's seccomp-BPF program (see above); threads are always allowed."""
     machine = machine or os.uname().machine
     if machine not in _ARCHES:
-        raise OSError(f"no seccomp syscall table for architecture {machine!r}: use allow_subprocess=True")
+        raise OSError(f"no seccomp syscall table for architecture {machine!r}")
     arch, nr = _ARCHES[machine]
     ld_abs, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06
     allow, deny, nosys = 0x7FFF0000, 0x00050000 | 1, 0x00050000 | 38  # ALLOW, ERRNO(EPERM), ERRNO(ENOSYS)
@@ -114,11 +117,13 @@ def no_process_filter(machine: str | None = None) -> bytes:
             _bpf(ld_abs, 0, 0, 0)]  # the syscall number
     if machine == "x86_64":  # the x32 ABI shares the arch value; its numbers have bit 30 set
         prog += [_bpf(jset, 0, 1, 0x40000000), _bpf(ret, 0, 0, deny)]
-    for name in ("fork", "vfork"):
+    denied = ["shmget", "msgget", "memfd_create"] + ([] if allow_subprocess else ["fork", "vfork"])
+    for name in denied:
         if name in nr:
             prog += [_bpf(jeq, 0, 1, nr[name]), _bpf(ret, 0, 0, deny)]
-    prog += [_bpf(jeq, 0, 1, nr["clone3"]), _bpf(ret, 0, 0, nosys),
-             _bpf(jeq, 1, 0, nr["clone"]), _bpf(ret, 0, 0, allow),
-             _bpf(ld_abs, 0, 0, 16),  # clone's flags: low 32 bits of args[0] (little-endian)
-             _bpf(jset, 0, 1, 0x00010000), _bpf(ret, 0, 0, allow), _bpf(ret, 0, 0, deny)]  # CLONE_THREAD
-    return b"".join(prog)
+    if not allow_subprocess:
+        prog += [_bpf(jeq, 0, 1, nr["clone3"]), _bpf(ret, 0, 0, nosys),
+                 _bpf(jeq, 1, 0, nr["clone"]), _bpf(ret, 0, 0, allow),
+                 _bpf(ld_abs, 0, 0, 16),  # clone's flags: low 32 bits of args[0] (little-endian)
+                 _bpf(jset, 0, 1, 0x00010000), _bpf(ret, 0, 0, allow), _bpf(ret, 0, 0, deny)]  # CLONE_THREAD
+    return b"".join(prog + [_bpf(ret, 0, 0, allow)])

@@ -15,27 +15,28 @@ Covered (bwrap mode, the default):
 - the filesystem is a fresh root: /usr (+ /bin, /lib*), the Python installation (prefix and base
   prefix) and a few loader files of /etc read-only; nothing else of the host exists (no /work, no
   project, no training data, no $HOME, no /root except the Python install when it lives there);
-  / is read-only; a fresh size-limited tmpfs is the cwd, $HOME and /tmp;
+  / and /dev are read-only; fresh size-limited tmpfs are /tmp (= cwd = $HOME) and /dev/shm;
 - the environment is empty except a few fixed variables; bwrap itself is started with that same
   minimal environment, so /proc/1/environ (bwrap's init) holds no parent secret either;
 - the session runs as an unprivileged uid with no capabilities and cannot create user namespaces;
-- no new processes (seccomp: clone without CLONE_THREAD, fork, vfork fail with EPERM; threads are
-  fine), so fork bombs and daemons are impossible by default; `allow_subprocess=True` lifts this,
-  then RLIMIT_NPROC bounds the count — except when the host user is root, which the kernel exempts
-  from RLIMIT_NPROC (the wall-clock kill of the whole PID namespace is then the only bound);
+- seccomp: memfd_create, SysV shmget and msgget (host memory no rlimit bounds) always fail; so do
+  fork, vfork and clone without CLONE_THREAD (threads are fine), which makes fork bombs and daemons
+  impossible. `allow_subprocess=True` lifts the process rule; then RLIMIT_NPROC bounds the count —
+  except when the host user is root, whom the kernel exempts from RLIMIT_NPROC (the wall-clock kill
+  of the whole PID namespace is then the only bound);
 - limits: wall-clock per cell (parent-side, SIGKILL), CPU seconds per cell (RLIMIT_CPU), address
-  space (RLIMIT_AS, per process), file size (RLIMIT_FSIZE), open files, tmpfs size, output size
+  space (RLIMIT_AS, per process), file size (RLIMIT_FSIZE), open files, tmpfs sizes, output size
   (head and tail kept, the cut is stated; the parent never buffers more than ~8x the limit);
 - a cell that times out or crashes ends the session: the bwrap PID-namespace init is SIGKILLed, so
   every process of the session dies (double-forked daemons included); the next cell starts fresh;
 - sessions die with the parent process (bwrap --die-with-parent), not with the thread that started them.
-Not covered: kernel exploits and CPU side channels (no syscall filter beyond process creation); the
+Not covered: kernel exploits and CPU side channels (the syscall filter is a short deny list); the
 memory limit is per process, not a cgroup (with `allow_subprocess=True` it multiplies); tmpfs pages
 are host RAM; the model can read what is bound read-only (the Python installation, /usr); output a
 cell's background threads print between cells is discarded; the session may forge its own replies
 (it only fools itself). `isolation="rlimits"` (no namespaces) keeps only the rlimits, the seccomp
-filter, an empty environment and a temporary cwd — it is loudly warned about and not a security
-boundary.
+filter, an empty environment and a temporary cwd (no tmpfs size) — it is loudly warned about and
+not a security boundary.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from pathlib import Path
 
 from mtpo.agent._sandbox_output import Capture
 from mtpo.agent._sandbox_proc import (bwrap_supports_size, describe_exit, find_bwrap, frame, minimal_env,
-                                     no_process_filter, start_time, wait_gone)
+                                     seccomp_filter, start_time, wait_gone)
 
 __all__ = ["PythonSandbox", "Session", "CellResult", "SandboxPool", "SandboxUnavailable", "SandboxError"]
 
@@ -137,8 +138,8 @@ class PythonSandbox:
         return {"memory_mb": self.memory_mb, "max_file_mb": self.max_file_mb, "cpu_s": self.cpu_s,
                 "max_procs": self.max_procs if self.allow_subprocess else 1,
                 "max_open_files": self.max_open_files, "seed": self.seed,
-                # bwrap installs the no-process filter itself (--seccomp); without bwrap the server does
-                "seccomp": None if self.allow_subprocess or self.isolation == "bwrap" else no_process_filter().hex()}
+                # bwrap installs the seccomp filter itself (--seccomp); without bwrap the server does
+                "seccomp": None if self.isolation == "bwrap" else seccomp_filter(self.allow_subprocess).hex()}
 
     def _python_argv(self, ctl_fd: int) -> list[str]:
         # not -I: the environment is entirely ours, and PYTHONHASHSEED must apply (set order is
@@ -157,12 +158,10 @@ class PythonSandbox:
         prefixes.add(os.path.dirname(os.path.dirname(os.path.realpath(self.python))))
         return sorted(p for p in prefixes if p != "/usr" and not p.startswith("/usr/"))
 
-    def bwrap_argv(self, ctl_fd: int, info_fd: int, seccomp_fd: int | None) -> list[str]:
+    def bwrap_argv(self, ctl_fd: int, info_fd: int, seccomp_fd: int) -> list[str]:
         args = [self.bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(_SANDBOX_UID),
                 "--gid", str(_SANDBOX_UID), "--hostname", "sandbox", "--die-with-parent", "--new-session",
-                "--info-fd", str(info_fd), "--ro-bind", "/usr", "/usr"]
-        if seccomp_fd is not None:
-            args += ["--seccomp", str(seccomp_fd)]
+                "--info-fd", str(info_fd), "--seccomp", str(seccomp_fd), "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
                 args += ["--symlink", os.readlink(top), top]
@@ -173,10 +172,10 @@ class PythonSandbox:
             args += ["--ro-bind-try", path, path]
         for root in self._python_roots:
             args += ["--ro-bind", root, root]
-        args += ["--proc", "/proc", "--dev", "/dev"]
-        if bwrap_supports_size(self.bwrap):
-            args += ["--size", str(self.tmpfs_mb * 1024 * 1024)]
-        args += ["--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
+        size = ["--size", str(self.tmpfs_mb * 1024 * 1024)] if bwrap_supports_size(self.bwrap) else []
+        # /dev is a tmpfs bwrap fills with device nodes: read-only, with its own size-limited /dev/shm
+        args += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
+                 *size, "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
         for key, value in minimal_env("/tmp").items():
             args += ["--setenv", key, value]
         return args + ["--", *self._python_argv(ctl_fd)]
@@ -262,12 +261,10 @@ class Session:
         child_fds = [out_w, ctl_w, info_w]
         try:
             if sb.isolation == "bwrap":
-                seccomp_fd = None
-                if not sb.allow_subprocess:  # the filter program, read by bwrap (a few hundred bytes)
-                    seccomp_fd, seccomp_w = os.pipe()
-                    child_fds.append(seccomp_fd)
-                    os.write(seccomp_w, no_process_filter())
-                    os.close(seccomp_w)
+                seccomp_fd, seccomp_w = os.pipe()  # the filter program, read by bwrap (a few hundred bytes)
+                child_fds.append(seccomp_fd)
+                os.write(seccomp_w, seccomp_filter(sb.allow_subprocess))
+                os.close(seccomp_w)
                 argv, cwd, env = sb.bwrap_argv(ctl_w, info_w, seccomp_fd), "/", minimal_env("/tmp")
             else:
                 self._tmpdir = tempfile.mkdtemp(prefix="mtpo-sandbox-")
