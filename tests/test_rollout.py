@@ -246,3 +246,37 @@ def test_config_is_validated():
         RolloutConfig(tool_format="xml")
     with pytest.raises(ValueError, match="consistency"):
         RolloutConfig(consistency="maybe")
+
+
+@pytest.fixture(scope="module")
+def sandbox_pool():
+    from mtpo.agent.sandbox import PythonSandbox, SandboxPool, SandboxUnavailable
+
+    sandbox = PythonSandbox(timeout_s=2, memory_mb=512, max_output_chars=400)
+    try:
+        sandbox.check()
+    except SandboxUnavailable as e:
+        pytest.skip(f"bwrap cannot create namespaces here: {e}")
+    with SandboxPool(sandbox, max_workers=2) as pool:
+        yield pool
+
+
+def test_real_sandbox_and_grader(tiny_renderer, sandbox_pool):
+    """The loop with the real SandboxPool and grader: state persists within a trajectory, code runs as
+    written, errors and timeouts are tool outputs (and a timeout restarts the session)."""
+    script = {
+        "Q-state": [code("x = 6 * 7\nprint(x)"), code("x + 1"), code('print("a\\nb", r"\\frac")'), code("1 / 0"),
+                    say("It is \\boxed{42}.")],
+        "Q-timeout": [code("y = 1\nwhile True:\n    pass"), code("print(y)"), say("\\boxed{0.5}")],
+    }
+    records, rollout, _ = run(tiny_renderer, script, executor=sandbox_pool, max_tool_calls=6)
+    state, timeout = sorted(records, key=lambda r: r["prompt_id"])
+    outputs = [m["content"] for m in state["messages"][2::2]]
+    assert outputs[:3] == ["```output\n42\n```", "```output\n43\n```", "```output\na\nb \\frac\n```"]
+    assert "ZeroDivisionError" in outputs[3]
+    assert (state["finish_reason"], state["correct"], state["num_tool_calls"], state["num_tool_errors"]) == \
+        ("answered", True, 4, 1)
+    assert timeout["num_tool_timeouts"] == 1 and "TimeoutError" in timeout["messages"][2]["content"]
+    assert "NameError" in timeout["messages"][4]["content"]  # the timed-out session is gone, y with it
+    assert timeout["answer"] == "0.5" and timeout["correct"] is False  # gold is 42
+    assert sandbox_pool.num_sessions == 0  # every trajectory's session was closed

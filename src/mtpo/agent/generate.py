@@ -160,11 +160,15 @@ def build_backend(settings: RolloutSettings, renderer: ChatRenderer, model=None)
 
 
 def build_executor(settings: RolloutSettings):
-    from mtpo.agent.sandbox import PythonSandbox, SandboxPool
+    """A `SandboxPool`, checked before any generation: no namespaces → a clear error, not a late one."""
+    from mtpo.agent.sandbox import PythonSandbox, SandboxPool, SandboxUnavailable
 
     try:
         sandbox = PythonSandbox(**settings.sandbox)
+        sandbox.check()
     except (TypeError, ValueError) as e:
+        raise ConfigError(f"sandbox: {e}") from None
+    except SandboxUnavailable as e:
         raise ConfigError(f"sandbox: {e}") from None
     return SandboxPool(sandbox, max_workers=settings.sandbox_workers)
 

@@ -43,6 +43,8 @@ def load_prompts(source: str, *, name: str | None = None, question_field: str | 
     if limit is not None:
         rows = rows[:limit]
     name = name or _default_name(source)
+    if rows:  # the layout is the first row's: a later row that lacks a field is an error about that field
+        question_field, answer_field, answer_format = _layout(rows[0], 0, question_field, answer_field, answer_format)
     prompts, seen = [], {}
     for i, row in enumerate(rows):
         p = prompt_from_row(row, i, name=name, question_field=question_field, answer_field=answer_field,
