@@ -343,11 +343,14 @@ class Session:
 
     # --- reading results
     def _drain_stale_output(self) -> None:
-        try:
-            while os.read(self._out_r, 65536):
-                pass
-        except BlockingIOError:
-            pass
+        """Discard what background threads printed between cells (bounded: a thread printing
+        without pause must not keep the parent reading forever)."""
+        for _ in range(64):
+            try:
+                if not os.read(self._out_r, 65536):
+                    return
+            except BlockingIOError:
+                return
 
     def _wait_frame(self, deadline: float, capture: Capture):
         """Read output into `capture` until a whole control frame arrives. Returns its payload (bytes),
