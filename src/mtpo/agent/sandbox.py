@@ -136,7 +136,8 @@ class PythonSandbox:
     # --- how a session process is started
     def server_config(self) -> dict:
         return {"memory_mb": self.memory_mb, "max_file_mb": self.max_file_mb, "cpu_s": self.cpu_s,
-                "max_procs": self.max_procs if self.allow_subprocess else 1,
+                # RLIMIT_NPROC counts threads too: set it only when seccomp does not already forbid processes
+                "max_procs": self.max_procs if self.allow_subprocess else None,
                 "max_open_files": self.max_open_files, "seed": self.seed,
                 # bwrap installs the seccomp filter itself (--seccomp); without bwrap the server does
                 "seccomp": None if self.isolation == "bwrap" else seccomp_filter(self.allow_subprocess).hex()}
