@@ -1,6 +1,6 @@
-"""Grader benchmark: MATH self-equivalence, false positives, near misses and answers/second.
+"""Grader benchmark: MATH self-equivalence, false positives, near misses, wrong rewrites, answers/second.
 
-    python bench/bench_grade.py                      # full run (~N min on 2 cores), writes bench/results/grade.{json,md}
+    python bench/bench_grade.py                      # full run (~5 min on 2 busy cores), writes bench/results/grade.{json,md}
     python bench/bench_grade.py --limit 200 --pairs 300 --out /tmp/grade   # quick look
 
 What it measures (every failure and every positive verdict is written to the JSON for review):
@@ -12,6 +12,8 @@ What it measures (every failure and every positive verdict is written to the JSO
   `\\frac12` is not a false positive: review the list; aim 0);
 * **near misses**: each gold with one digit changed (`1000000`→`1000001`, `2^{98}`→`2^{99}`); the
   grader must say "not equivalent" unless the value really is unchanged (listed for review);
+* **wrong rewrites**: each gold negated, its tuple reversed, its bracket flipped, one of its
+  solutions dropped; all must grade "not equivalent" (listed for review);
 * **throughput**: graded answers per second, cold cache, one thread and `equivalent_many` over the
   worker pool, for MATH answers and for GSM8K answers.
 Never imports torch.
@@ -35,7 +37,7 @@ if str(REPO / "src") not in sys.path:
 
 from mtpo.agent import grade as G  # noqa: E402
 from mtpo.agent.grade import equivalent_many, gold_from_gsm8k, gold_from_math, grader_stats, is_equivalent  # noqa: E402
-from mtpo.agent.latexnorm import exact_value, normalize, squash, strip_var  # noqa: E402
+from mtpo.agent.latexnorm import exact_value, normalize, squash, strip_var, structure  # noqa: E402
 
 DATA = Path("/work/shared/data")
 
@@ -64,10 +66,68 @@ def mutate_digit(gold: str, rng: random.Random) -> str | None:
 
 
 def timed(fn):
+    """Run fn cold: fresh workers (their parse caches empty; started before the clock), empty cache."""
+    G.shutdown_workers()
+    G._get_pool().check("\\sqrt{7}", "\\sqrt{5}", 60.0)  # start a worker outside the measurement (and the counters)
     G._cache.clear()
     t = time.perf_counter()
     out = fn()
     return out, time.perf_counter() - t
+
+
+def perturb(gold: str) -> dict[str, str]:
+    """Value-changing rewrites a wrong answer might make: negated, tuple reversed, bracket flipped, one
+    solution dropped. Each must grade "not equivalent" (degenerate cases are skipped)."""
+    g = strip_var(normalize(gold))
+    st = structure(g)
+    out = {}
+    if st[0] == "leaf" and not re.search(r"=|\\[lg]eq|<|>|^[A-Za-z\s]+$", g) and exact_value(g) != 0:
+        out["negated"] = f"-({g})"
+    if st[0] == "seq" and len({squash(x) for x in st[3]}) == len(st[3]):
+        out["reversed"] = st[1] + ", ".join(reversed(st[3])) + st[2]
+        out["bracket"] = {"(": "[", "[": "("}[st[1]] + ", ".join(st[3]) + st[2]
+    if st[0] == "set" and len({squash(x) for x in st[1]}) == len(st[1]) > 1:
+        out["dropped"] = ", ".join(st[1][:-1])
+    return out
+
+
+def self_equivalence(golds: list[str], rows: list[dict]) -> dict:
+    jobs = [(v, g, i, name) for i, g in enumerate(golds) for name, v in variants(g).items()]
+    verdicts, secs = timed(lambda: equivalent_many([(v, g) for v, g, _, _ in jobs], desc="self-equivalence"))
+    fails = [{"idx": rows[i]["idx"], "variant": name, "gold": g, "pred": v} for (v, g, i, name), ok in zip(jobs, verdicts) if not ok]
+    return {"golds": len(golds), "checks": len(jobs), "golds_passing_all": len(golds) - len({f["idx"] for f in fails}),
+            "failures": fails, "seconds": round(secs, 2), "answers_per_s": round(len(jobs) / secs, 1)}
+
+
+def must_differ(pairs: list[tuple[str, str]], desc: str) -> dict:
+    """Pairs that are all "not equivalent": count and list every equivalent verdict."""
+    verdicts, secs = timed(lambda: equivalent_many(pairs, desc=desc))
+    positives = [{"pred": p, "gold": g} for (p, g), ok in zip(pairs, verdicts) if ok]
+    return {"pairs": len(pairs), "equivalent_verdicts": len(positives), "positives": positives,
+            "seconds": round(secs, 2), "answers_per_s": round(len(pairs) / secs, 1)}
+
+
+def throughput(golds: list[str], pairs: list[tuple[int, int]], gsm_golds: list[str], rng: random.Random) -> dict:
+    """Cold cache, fresh workers. A realistic MATH mix (half correct rewrites, half other golds), the
+    same over the pool, a workload math-verify must decide (`gold + 0` against gold, symbolic golds),
+    and GSM8K integers (a third off by one)."""
+    mix = [(variants(golds[a])["all"], golds[a]) for a, _ in pairs[:1000]] + [(golds[a], golds[b]) for a, b in pairs[1000:2000]]
+    symbolic = [g for g in golds if structure(normalize(g))[0] == "leaf" and exact_value(normalize(g)) is None
+                and not re.search(r"=|<|>|\\[lg]eq|\\begin|_|^\\text", g)]
+    forced = [(f"{g}+0", g) for g in rng.sample(symbolic, min(500, len(symbolic)))]
+    gsm = [(str(int(g) + rng.choice([0, 0, 1])), g) for g in gsm_golds if re.fullmatch(r"-?\d+", g)]
+    out = {"pool_workers": G._get_pool().max_workers}
+    for name, fn, work in [("math_mix_1_thread", lambda w: [is_equivalent(p, g) for p, g in w], mix),
+                           ("math_mix_pool", equivalent_many, mix),
+                           ("math_verify_decides_pool", equivalent_many, forced),
+                           ("gsm8k_1_thread", lambda w: [is_equivalent(p, g) for p, g in w], gsm)]:
+        before = grader_stats()["math_verify"]
+        verdicts, secs = timed(lambda: fn(work))
+        out[name] = {"answers": len(work), "per_s": round(len(work) / secs, 1), "math_verify_calls": grader_stats()["math_verify"] - before,
+                     "equivalent": sum(verdicts)}
+        if name == "math_verify_decides_pool":  # all are equivalent; list the ones math-verify misses
+            out[name]["missed"] = [p for (p, _), ok in zip(work, verdicts) if not ok]
+    return out
 
 
 def main(argv=None) -> int:
@@ -77,53 +137,24 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "grade"))
     args = ap.parse_args(argv)
-    math_rows = [json.loads(line) for line in open(DATA / "math_test.jsonl")]
-    gsm_rows = [json.loads(line) for line in open(DATA / "gsm8k_test.jsonl")]
-    if args.limit:
-        math_rows = math_rows[: args.limit]
-    golds = [gold_from_math(r["solution"]) for r in math_rows]
+    rows = [json.loads(line) for line in open(DATA / "math_test.jsonl")][: args.limit or None]
+    golds = [gold_from_math(r["solution"]) for r in rows]
+    gsm_golds = [gold_from_gsm8k(json.loads(line)["answer"]) for line in open(DATA / "gsm8k_test.jsonl")]
     rng = random.Random(args.seed)
     res: dict = {"command": " ".join([sys.argv[0]] + (argv or sys.argv[1:])), "machine": machine()}
-
-    # self-equivalence (also the timed "correct answers" workload)
-    jobs = [(v, g, i, name) for i, g in enumerate(golds) for name, v in variants(g).items()]
-    verdicts, secs = timed(lambda: equivalent_many([(v, g) for v, g, _, _ in jobs], desc="self-equivalence"))
-    fails = [{"idx": math_rows[i]["idx"], "variant": name, "gold": g, "pred": v} for (v, g, i, name), ok in zip(jobs, verdicts) if not ok]
-    failed_golds = {f["idx"] for f in fails}
-    res["self_equivalence"] = {"golds": len(golds), "checks": len(jobs), "golds_passing_all": len(golds) - len(failed_golds),
-                               "failures": fails, "seconds": round(secs, 2), "answers_per_s": round(len(jobs) / secs, 1)}
-
-    # false positives: different problems, different normalized answers
-    canon = [squash(strip_var(normalize(g))) for g in golds]
-    pairs = []
+    res["self_equivalence"] = self_equivalence(golds, rows)
+    canon = [squash(strip_var(normalize(g))) for g in golds]  # "different values": different canonical answers
+    pairs: list[tuple[int, int]] = []
     while len(pairs) < args.pairs:
         a, b = rng.randrange(len(golds)), rng.randrange(len(golds))
         if a != b and canon[a] != canon[b]:
             pairs.append((a, b))
-    verdicts, secs = timed(lambda: equivalent_many([(golds[a], golds[b]) for a, b in pairs], desc="false positives"))
-    positives = [{"pred": golds[a], "gold": golds[b]} for (a, b), ok in zip(pairs, verdicts) if ok]
-    res["false_positives"] = {"pairs": len(pairs), "equivalent_verdicts": len(positives), "positives": positives,
-                              "seconds": round(secs, 2), "answers_per_s": round(len(pairs) / secs, 1)}
-
-    # near misses: one digit changed
-    near = [(m, g) for g in golds if (m := mutate_digit(g, rng)) is not None and m != g]
-    verdicts, secs = timed(lambda: equivalent_many(near, desc="near misses"))
-    res["near_misses"] = {"pairs": len(near), "equivalent_verdicts": sum(verdicts),
-                          "positives": [{"pred": m, "gold": g} for (m, g), ok in zip(near, verdicts) if ok]}
-
-    # throughput, single thread, on a realistic mix: half correct (rewritten), half wrong (other golds)
-    mix = [(variants(golds[a])["all"], golds[a]) for a, _ in pairs[:1000]] + [(golds[a], golds[b]) for a, b in pairs[1000:2000]]
-    _, secs1 = timed(lambda: [is_equivalent(p, g) for p, g in mix])
-    _, secs2 = timed(lambda: equivalent_many(mix))
-    gsm = [(str(int(gold_from_gsm8k(r["answer"])) + rng.choice([0, 0, 1])), gold_from_gsm8k(r["answer"])) for r in gsm_rows
-           if re.fullmatch(r"-?\d+", gold_from_gsm8k(r["answer"]))]
-    hard = [(p, g) for p, g in mix if exact_value(normalize(g)) is None]
-    _, secs4 = timed(lambda: equivalent_many(hard))
-    _, secs3 = timed(lambda: [is_equivalent(p, g) for p, g in gsm])
-    res["throughput"] = {"math_mix_answers": len(mix), "math_mix_per_s_1_thread": round(len(mix) / secs1, 1),
-                         "math_mix_per_s_pool": round(len(mix) / secs2, 1), "pool_workers": G._get_pool().max_workers,
-                         "math_non_arithmetic_answers": len(hard), "math_non_arithmetic_per_s_pool": round(len(hard) / secs4, 1),
-                         "gsm8k_answers": len(gsm), "gsm8k_per_s_1_thread": round(len(gsm) / secs3, 1)}
+    res["false_positives"] = must_differ([(golds[a], golds[b]) for a, b in pairs], "false positives")
+    res["near_misses"] = must_differ([(m, g) for g in golds if (m := mutate_digit(g, rng)) not in (None, g)], "near misses")
+    wrong = [(p, g, name) for g in golds for name, p in perturb(g).items()]
+    res["perturbations"] = must_differ([(p, g) for p, g, _ in wrong], "perturbations")
+    res["perturbations"]["by_kind"] = {k: sum(1 for *_, n in wrong if n == k) for k in ("negated", "reversed", "bracket", "dropped")}
+    res["throughput"] = throughput(golds, pairs, gsm_golds, rng)
     res["grader_stats"] = grader_stats()
     write(res, Path(args.out))
     return 0
@@ -142,15 +173,15 @@ def write(res: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
     se, fp, nm, tp = res["self_equivalence"], res["false_positives"], res["near_misses"], res["throughput"]
+    pt = res["perturbations"]
     lines = [
         "| measure | value |", "|---|---|",
         f"| MATH golds equivalent to all 4 rewrites | {se['golds_passing_all']} / {se['golds']} ({len(se['failures'])} failed checks of {se['checks']}) |",
         f"| false positives (different golds, seeded pairs) | {fp['equivalent_verdicts']} / {fp['pairs']} equivalent verdicts |",
         f"| near misses (one digit changed) judged equivalent | {nm['equivalent_verdicts']} / {nm['pairs']} |",
-        f"| answers/s, MATH mix, 1 thread | {tp['math_mix_per_s_1_thread']} |",
-        f"| answers/s, MATH mix, pool of {tp['pool_workers']} | {tp['math_mix_per_s_pool']} |",
-        f"| answers/s, MATH golds that are not plain arithmetic ({tp['math_non_arithmetic_answers']}), pool | {tp['math_non_arithmetic_per_s_pool']} |",
-        f"| answers/s, GSM8K integers, 1 thread | {tp['gsm8k_per_s_1_thread']} |",
+        f"| wrong rewrites (negated, reversed, bracket flipped, solution dropped) judged equivalent | {pt['equivalent_verdicts']} / {pt['pairs']} |",
+        *[f"| answers/s, {name.replace('_', ' ')} ({v['answers']} answers, {v['math_verify_calls']} math-verify calls) | {v['per_s']} |"
+          for name, v in tp.items() if isinstance(v, dict)],
         f"| math-verify timeouts / errors | {res['grader_stats']['timeouts']} / {res['grader_stats']['errors']} |",
     ]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")

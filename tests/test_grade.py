@@ -183,6 +183,7 @@ TABLE = [
     ("\\text{odd}", "odd", True, "text unwrapped"),
     ("\\text{odd}", "even", False, "different words (never products of symbols)"),
     ("\\text{(C)}", "C", True, "multiple choice letter with parentheses"),
+    ("(\\text{E})", "E", True, "a letter in \\text inside parentheses is the answer, not a unit"),
     ("B", "C", False, "different choice"),
     ("\\text{June 20}", "June 20", True, "text with a number"),
     ("yes", "sey", False, "letters are not commuting symbols in a word"),
@@ -325,8 +326,9 @@ def test_grade_trajectories():
 
 
 def test_never_raises():
-    for pred, gold in [(None, "1"), ("1", None), (3, "3"), ("\\frac{", "1"), ("}}}{{{", "\\sqrt{"), ("", "1"), ("1", "")]:
+    for pred, gold in [(None, "1"), ("1", None), (3, "3"), ("\\frac{", "1"), ("}}}{{{", "\\sqrt{"), ("", "1"), ("1", ""), ("(", ")"), ("\\{\\}", "1"), ("()", "1"), ("x" * 5000, "x" * 5000)]:
         assert is_equivalent(pred, gold) is False
+    assert is_equivalent("()", "()") is True  # degenerate but identical
 
 
 # ------------------------------------------------------------------------------------------ threads, timeouts

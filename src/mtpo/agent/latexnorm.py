@@ -24,7 +24,7 @@ from fractions import Fraction
 
 _TEXT_CMDS = r"\\(?:text|textbf|textit|textrm|textnormal|mbox|mathrm|mathbf|mathit|operatorname)"
 _TEXT_GROUP = re.compile(_TEXT_CMDS + r"\s*\{([^{}]*)\}")
-_UNIT_GROUP = re.compile(r"(?<=\S)\s*" + _TEXT_CMDS + r"\s*\{\s*([A-Za-z][A-Za-z.\s]*)\}(?:\s*\^\s*\{?\d\}?)?")
+_UNIT_GROUP = re.compile(r"(?<=[\w})])\s*" + _TEXT_CMDS + r"\s*\{\s*([A-Za-z][A-Za-z.\s]*)\}(?:\s*\^\s*\{?\d\}?)?")
 _TRAILING_WORDS = re.compile(r"^(.*[\d}])\s+[A-Za-z]{2,}[A-Za-z.\s]*(?:\^\{?[23]\}?)?$")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SIMPLE_SUBS = [
@@ -159,7 +159,7 @@ def structure(s: str):
             return structure(stripped)
         if s.startswith("\\{") and s.endswith("\\}") and _outer_closer(s[1:]) == len(s) - 2:
             return ("set", _expand_pm([strip_var(x) for x in split_top(s[2:-2]) if x]))
-        if s[:1] in "([" and _outer_closer(s) == len(s) - 1:
+        if s[:1] and s[0] in "([" and _outer_closer(s) == len(s) - 1:
             inner = split_top(s[1:-1])
             if len(inner) > 1:
                 return ("seq", s[0], s[-1], inner)
