@@ -242,7 +242,7 @@ class Session:
                 self._cleanup()
                 self._start()
                 os.write(self._proc.stdin.fileno(), frame(code.encode("utf-8", "surrogatepass")))
-            result = self._collect(start + self.sandbox.timeout_s)
+            result = self._collect(time.monotonic() + self.sandbox.timeout_s)  # a session start is not charged
             result.elapsed_s = time.monotonic() - start
             return result
 
