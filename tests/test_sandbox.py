@@ -370,6 +370,16 @@ def test_pool_runs_sessions_concurrently_and_in_order(sandbox):
         assert all(_gone(pid) for pid in procs) and pool.num_sessions == 3
         assert pool.submit("a", "n").result().output == "NameError: name 'n' is not defined"
         assert pool.submit("b", "name").result().output == "'b'\n"
+        running = pool.submit("c", "import time\ntime.sleep(30)")
+        queued = pool.submit("c", "print('never runs')")
+        while not running.running():
+            time.sleep(0.01)
+        time.sleep(0.2)
+        pool.close("c")  # mid-cell: the session is killed, the running cell reports it, the queued one is cancelled
+        r = running.result(timeout=5)
+        assert r.crashed and "SIGKILL" in r.error and r.output.endswith(r.error)
+        assert queued.cancelled()
+        assert pool.submit("c", "name").result().output == "NameError: name 'name' is not defined"
 
 
 # --- where namespaces are unavailable ----------------------------------------------------------------
@@ -382,9 +392,15 @@ def test_bwrap_without_namespaces_raises_unavailable(tmp_path):
     fake = tmp_path / "bwrap"  # behaves like bwrap in a container that forbids user namespaces
     fake.write_text("#!/bin/sh\necho 'bwrap: No permissions to create new namespace' >&2\nexit 1\n")
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
-    with PythonSandbox(bwrap=str(fake)).session() as s:
+    sandbox = PythonSandbox(bwrap=str(fake))
+    with sandbox.session() as s:
         with pytest.raises(SandboxUnavailable, match=r"No permissions.*isolation='rlimits'"):
             s.run("1")
+    with pytest.raises(SandboxUnavailable):
+        sandbox.check()
+    with SandboxPool(sandbox, max_workers=2) as pool:  # the pool hands the error to the caller
+        with pytest.raises(SandboxUnavailable):
+            pool.submit("k", "1").result()
 
 
 def test_rlimits_mode_is_loudly_warned_and_still_limits(tmp_path):
