@@ -229,8 +229,6 @@ class Session:
     def run(self, code: str) -> CellResult:
         """Run one cell. A timeout or crash ends the session's process; the next `run` starts a fresh one."""
         with self._lock:
-            if self._closed:
-                raise RuntimeError("this sandbox session is closed")
             start = time.monotonic()
             if not self.alive:
                 self._cleanup()
@@ -255,6 +253,8 @@ class Session:
 
     # --- process lifecycle
     def _start(self) -> None:
+        if self._closed:  # closed from another thread while a cell was being sent
+            raise RuntimeError("this sandbox session is closed")
         sb = self.sandbox
         out_r, out_w = os.pipe()
         ctl_r, ctl_w = os.pipe()
