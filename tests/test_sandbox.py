@@ -209,7 +209,8 @@ def test_writes_outside_the_session_dir_fail(sandbox, tmp_path):
     targets = [str(Path.home() / "mtpo_sandbox_probe"), str(tmp_path / "probe"), "/usr/probe", "/probe",
                "/etc/probe", str(Path(__file__).resolve().parent / "probe"), sys.prefix + "/probe"]
     code = ("import os\nresults = []\nfor path in %r:\n    try:\n        open(path, 'w').write('x')\n"
-            "        results.append('WROTE ' + path)\n    except OSError as e:\n        results.append(type(e).__name__)\n"
+            "        results.append('WROTE ' + path)\n    except OSError as e:\n"
+            "        results.append(type(e).__name__)\n"
             "open('local.txt', 'w').write('ok')\nprint(results, open(os.path.expanduser('~/local.txt')).read())"
             % targets)
     with sandbox.session() as s:
