@@ -291,3 +291,20 @@ def test_stage_yaml_reruns_by_hand_in_a_subprocess(dpo_fixed, tmp_path):
     it.subprocess_runner()("dpo", values, str(path))
     a, b = load_file(tmp_path / "model" / "model.safetensors"), load_file(out / "iter_1" / "model" / "model.safetensors")
     assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_stage_values_per_algorithm_and_reference(tmp_path, prompts_file):
+    """What each trainer is given: its own rows file, the policy, and the reference of the mode."""
+    for algorithm, data in (("dpo", "pairs.jsonl"), ("kto", "kto.jsonl"), ("sft", "sft.jsonl")):
+        for reference in ("fixed", "previous"):
+            cfg = config(tmp_path, prompts_file, algorithm=algorithm, reference=reference)
+            cfg.check_blocks()
+            values = it.stage_values(cfg, "train", iteration=2, workdir="w", policy="prev", reference="ref")
+            assert values["train_data"] == os.path.join("w", data) and values["model_name_or_path"] == "prev"
+            assert values.get("ref_model_name_or_path") == (None if algorithm == "sft" else "ref")
+    def seeds():
+        return {(k, s): it.stage_values(config(tmp_path, prompts_file), s, iteration=k, workdir=str(tmp_path))["seed"]
+                for k in (1, 2) for s in ("generate", "pairs", "train")}
+
+    assert len(set(seeds().values())) == 6  # a different seed per iteration and stage …
+    assert seeds() == seeds()  # … the same on every run
