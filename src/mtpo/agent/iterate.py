@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import yaml
 
 from mtpo.agent import pairs as P
-from mtpo.agent.stages import (MANAGED, StageRunner, run_stage, run_stage_inprocess, stage_class,
-                               stage_values, subprocess_runner, write_stage_yaml)
+from mtpo.agent.stages import (MANAGED, TRAINERS, StageRunner, run_stage, run_stage_inprocess,  # noqa: F401
+                               stage_class, stage_values, subprocess_runner, write_stage_yaml)  # (re-exported)
 from mtpo.config import ConfigError, _looks_local, build_config, load_config
 from mtpo.data import RecordError
 
