@@ -367,7 +367,7 @@ def test_pool_runs_sessions_concurrently_and_in_order(sandbox):
         assert ordered[-1].result().output == "20\n"
         bwrap_pid = pool._sessions["a"].pids[0]
         procs = _subtree(bwrap_pid)
-        pool.close("a")
+        pool.close("a", wait=True)
         assert all(_gone(pid) for pid in procs) and pool.num_sessions == 3
         assert pool.submit("a", "n").result().output == "NameError: name 'n' is not defined"
         assert pool.submit("b", "name").result().output == "'b'\n"
@@ -381,6 +381,9 @@ def test_pool_runs_sessions_concurrently_and_in_order(sandbox):
         assert r.crashed and "SIGKILL" in r.error and r.output.endswith(r.error)
         assert queued.cancelled()
         assert pool.submit("c", "name").result().output == "NameError: name 'name' is not defined"
+        procs = _subtree(pool._sessions["d"].pids[0])
+        pool.close("d")  # returns at once; the processes are SIGKILLed already, reaped on a pool thread
+    assert all(_gone(pid) for pid in procs)  # shutdown waited for the reaping
 
 
 # --- where namespaces are unavailable ----------------------------------------------------------------

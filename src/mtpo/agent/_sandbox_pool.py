@@ -78,15 +78,24 @@ class SandboxPool:
                 self._scheduled.discard(key)
                 self._queues.pop(key, None)
 
-    def close(self, key) -> None:
-        """End `key`'s session now (every process of it dies); its queued cells are cancelled. A later
-        `submit(key, ...)` starts a new session."""
+    def close(self, key, wait: bool = False) -> None:
+        """End `key`'s session now: every process of it is SIGKILLed before this returns; reaping them
+        (a few ms to tens of ms) happens on a pool thread unless `wait`. Its queued cells are
+        cancelled; a later `submit(key, ...)` starts a new session."""
         with self._lock:
             session = self._sessions.pop(key, None)
             for _, future in self._queues.pop(key, ()):
                 future.cancel()
-        if session is not None:
-            session.close()
+        if session is None:
+            return
+        session.kill()
+        if not wait:
+            try:
+                self._executor.submit(session.close)
+                return
+            except RuntimeError:  # the executor is shut down
+                pass
+        session.close()
 
     def shutdown(self, wait: bool = True) -> None:
         """Cancel queued cells, end every session, stop the threads."""
@@ -94,5 +103,5 @@ class SandboxPool:
             self._closed = True
             keys = set(self._sessions) | set(self._queues)
         for key in keys:
-            self.close(key)
+            self.close(key, wait=True)
         self._executor.shutdown(wait=wait)

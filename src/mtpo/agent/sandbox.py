@@ -246,10 +246,15 @@ class Session:
 
     def close(self) -> None:
         """End the session: every process in it is SIGKILLed. Returns when they are gone."""
-        self._closed = True
-        self._kill()
+        self.kill()
         with self._lock:
             self._cleanup()
+
+    def kill(self) -> None:
+        """SIGKILL every process of the session and refuse further cells, without waiting; `close()`
+        later reaps them and frees the pipes."""
+        self._closed = True
+        self._kill()
 
     # --- process lifecycle
     def _start(self) -> None:
