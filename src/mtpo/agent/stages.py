@@ -159,6 +159,7 @@ def run_stage(workdir: str, name: str, fn: Callable[[], dict | None]) -> dict:
             done = json.load(f)
         logger.info("%s: %s already done (%s), skipped", workdir, name, marker)
         return done
+    logger.info("==== %s: %s", workdir, name)
     started = time.time()
     result = dict(fn() or {})
     result["seconds"] = round(time.time() - started, 2)
