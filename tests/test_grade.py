@@ -140,6 +140,8 @@ TABLE = [
     ("\\begin{pmatrix} 2 \\\\ 1 \\end{pmatrix}", "\\begin{pmatrix}1\\\\2\\end{pmatrix}", False, "vector entries are ordered"),
     ("\\pi r^2", "r^2\\pi", True, "product commutes"),
     ("3.14159265358979", "\\pi", True, "pi to 15 digits (math-verify's 6-place float rule)"),
+    ("4s", "4t", False, "math-verify's default unit stripping reads both as 4"),
+    ("3m+1", "3n+1", False, "a single letter after a number is a variable, not a unit"),
     # --- structures: ordered tuples, unordered solution sets, intervals ---------------------------
     ("(1,2)", "(2,1)", False, "an ordered pair is ordered"),
     ("(3, 4)", "(3,4)", True, "spacing in a tuple"),

@@ -60,9 +60,13 @@ def compare(pred: str, gold: str) -> bool:
 @functools.lru_cache(maxsize=4096)
 def _parse(latex: str) -> tuple:
     """math-verify's parse, cached: one gold is compared with many predictions (maj@k, pass@k)."""
+    from latex2sympy2_extended.math_normalization import NormalizationConfig
     from math_verify import LatexExtractionConfig, parse
 
-    config = [LatexExtractionConfig(boxed_match_priority=0)]
+    # math-verify's default normalization strips "units" such as t, s, m, o after a number, so `4t`
+    # and `4s` both parse as 4; units are removed (only from \\text{} and words) before we get here
+    norm = NormalizationConfig(basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all", equations=False)
+    config = [LatexExtractionConfig(boxed_match_priority=0, normalization_config=norm)]
     return tuple(_imaginary(x) for x in parse("\\boxed{" + latex + "}", extraction_config=config, parsing_timeout=None))
 
 
