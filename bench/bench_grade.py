@@ -81,7 +81,7 @@ def perturb(gold: str) -> dict[str, str]:
     g = strip_var(normalize(gold))
     st = structure(g)
     out = {}
-    if st[0] == "leaf" and not re.search(r"=|\\[lg]eq|<|>|^[A-Za-z\s]+$", g) and exact_value(g) != 0 and re.search(r"[1-9a-zA-Z]", re.sub(r"\\[a-zA-Z]+", "", g)):
+    if st[0] == "leaf" and not re.search(r"=|\\[lg]eq|<|>|^[A-Za-z\s]+$", g) and exact_value(g) != 0 and re.search(r"[1-9a-zA-Z]", re.sub(r"\\(?:begin|end)\{\w+\}|\\[a-zA-Z]+", "", g)):
         out["negated"] = f"-({g})"
     if st[0] == "seq" and len({squash(x) for x in st[3]}) == len(st[3]):
         out["reversed"] = st[1] + ", ".join(reversed(st[3])) + st[2]
