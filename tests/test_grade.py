@@ -141,6 +141,7 @@ TABLE = [
     ("\\pi r^2", "r^2\\pi", True, "product commutes"),
     ("3.14159265358979", "\\pi", True, "pi to 15 digits (math-verify's 6-place float rule)"),
     ("4s", "4t", False, "math-verify's default unit stripping reads both as 4"),
+    ("\\frac{7}{5}+\\frac{1}{5}x. +1", "\\frac15", False, "a stray period must not cut the parse short (math-verify keeps 1/5)"),
     ("3m+1", "3n+1", False, "a single letter after a number is a variable, not a unit"),
     # --- structures: ordered tuples, unordered solution sets, intervals ---------------------------
     ("(1,2)", "(2,1)", False, "an ordered pair is ordered"),

@@ -69,6 +69,8 @@ def normalize(s: str) -> str:
         if unwrapped == s:
             break
         s = unwrapped
+    # a period that is no decimal point (`\\frac15 x.`) makes latex2sympy keep only part of the answer
+    s = re.sub(r"(?<!\d)\.(?!\d)", " ", s)
     s = " ".join(s.split()).strip()
     m = _TRAILING_WORDS.match(s)
     if m and not re.search(r"[A-Za-z]", strip_var(m.group(1)).replace("\\frac", "")):
