@@ -151,6 +151,12 @@ def check_loop(out, lines, sampled, reference: str | None):
         assert line["reference"] == (None if reference is None else TINY if reference == "fixed" else
                                      [TINY, it1][k - 1])
         assert os.path.isfile(out / f"iter_{k}" / "stages" / "train.json")
+        # the reported numbers, recomputed from the files they describe
+        rollouts = [json.loads(x) for x in open(out / f"iter_{k}" / "rollouts.jsonl")]
+        assert line["sampling_accuracy"] == sum(r["correct"] for r in rollouts) / len(rollouts)
+        assert line["pairs"] == sum(1 for _ in open(out / f"iter_{k}" / "pairs.jsonl"))
+        logged = [json.loads(x) for x in open(out / f"iter_{k}" / "model" / "metrics.jsonl")]
+        assert line["train_loss"] == [r for r in logged if "loss" in r][-1]["loss"]
         assert not [n for n in os.listdir(out / f"iter_{k}" / "model") if n.startswith("checkpoint-")]
     assert os.path.realpath(out / "final") == os.path.realpath(it2)
     assert [json.loads(x) for x in open(out / "iterations.jsonl")][-2:] == lines
@@ -308,3 +314,17 @@ def test_stage_values_per_algorithm_and_reference(tmp_path, prompts_file):
 
     assert len(set(seeds().values())) == 6  # a different seed per iteration and stage …
     assert seeds() == seeds()  # … the same on every run
+
+
+def test_example_runs_with_the_real_hf_backend(tmp_path, capsys, monkeypatch):
+    """examples/iterate.yaml as shipped (shortened): real sampling with the random tiny model, the
+    default in-process runner; with no correct answer every iteration skips training, counted."""
+    root = os.path.dirname(TINY).rsplit(os.sep, 1)[0]
+    monkeypatch.chdir(root)
+    cfg = load_config(it.IterateConfig, "examples/iterate.yaml",
+                      [f"--output_dir={tmp_path}", "--samples_per_prompt=2", "--eval_prompts=null",
+                       "--generate={max_new_tokens: 8, max_tool_calls: 1, max_length: 256, device: cpu}"])
+    lines = it.run_iterate(cfg)
+    assert [line["trajectories"] for line in lines] == [8, 8]  # 8 prompts split in 2 × 2 samples
+    assert all(line["train_skipped"] and line["model"] == "examples/tiny-model" for line in lines)
+    assert "(training skipped)" in capsys.readouterr().out
