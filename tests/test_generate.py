@@ -24,6 +24,16 @@ TINY = os.path.join(ROOT, "examples", "tiny-model")
 GSM8K = os.path.join(ROOT, "examples", "data", "gsm8k_mini.jsonl")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's matmuls are too small to split: on a busy 2-core runner a second thread only
+    spin-waits (measured: 12x slower generation). Restored after this module."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     from transformers import AutoModelForCausalLM
@@ -33,7 +43,7 @@ def tiny_model():
 
 def gen_config(tmp_path, name="out.jsonl", **kw) -> GenerateConfig:
     values = {"model_name_or_path": TINY, "prompts": GSM8K, "limit": 4, "samples_per_prompt": 2,
-              "max_new_tokens": 12, "max_length": 512, "device": "cpu", "output_file": str(tmp_path / name), **kw}
+              "max_new_tokens": 8, "max_length": 512, "device": "cpu", "output_file": str(tmp_path / name), **kw}
     return GenerateConfig(**values)
 
 
@@ -52,7 +62,7 @@ def test_hf_run_is_seeded_and_independent_of_batching(tmp_path, tiny_model, tiny
     assert [r["messages"] for r in a] != [r["messages"] for r in c]
     assert a[0]["messages"][1] != a[1]["messages"][1]  # two samples of one prompt differ
     assert {r["finish_reason"] for r in a} <= {"max_tokens", "no_code", "answered"}
-    assert all(0 < r["num_generated_tokens"] <= 12 for r in a)
+    assert all(0 < r["num_generated_tokens"] <= 8 for r in a)
 
 
 def test_resume_keeps_complete_prompts_and_regenerates_the_rest(tmp_path, tiny_model, tiny_tok):

@@ -280,3 +280,11 @@ def test_real_sandbox_and_grader(tiny_renderer, sandbox_pool):
     assert "NameError" in timeout["messages"][4]["content"]  # the timed-out session is gone, y with it
     assert timeout["answer"] == "0.5" and timeout["correct"] is False  # gold is 42
     assert sandbox_pool.num_sessions == 0  # every trajectory's session was closed
+
+
+def test_answer_fallback_only_when_configured(tiny_renderer):
+    script = {"Q-plain": [say("The answer is 42.")]}
+    (plain,), _, _ = run(tiny_renderer, script)
+    (fallback,), _, _ = run(tiny_renderer, script, answer_fallback=True)
+    assert (plain["finish_reason"], plain["correct"]) == ("no_code", False)
+    assert (fallback["finish_reason"], fallback["answer"], fallback["correct"]) == ("answered", "42", True)

@@ -43,6 +43,8 @@ class RolloutSettings:
     backend: str = field(default="hf", metadata={"help": "hf (transformers generate) or vllm."})
     device: str = field(default="auto", metadata={"help": "hf backend: cpu, cuda, ... (auto: cuda if available)."})
     batch_size: int = field(default=64, metadata={"help": "hf backend: rows per generate call."})
+    cpu_threads: int | None = field(default=None, metadata={"help": "hf backend: torch CPU threads while generating "
+                                                                    "(1 is fastest for tiny models on a busy CPU)."})
     tensor_parallel_size: int = field(default=1, metadata={"help": "vllm backend."})
     data_parallel_size: int = field(default=1, metadata={"help": "vllm backend."})
     gpu_memory_utilization: float = field(default=0.9, metadata={"help": "vllm backend."})
@@ -76,8 +78,8 @@ class RolloutSettings:
                                     ("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))):
             if value not in allowed:
                 raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
-        for key in ("batch_size", "prompts_per_round", "sandbox_workers", "max_new_tokens", "max_length"):
-            if getattr(self, key) < 1:
+        for key in ("batch_size", "prompts_per_round", "sandbox_workers", "max_new_tokens", "max_length", "cpu_threads"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
 
     def check_paths(self) -> None:
@@ -248,11 +250,13 @@ def run_generate(config: GenerateConfig, *, model=None, tokenizer=None, backend=
         backend = backend or build_backend(config, renderer, model)
         own_executor = executor is None
         executor = executor or build_executor(config)
+        threads = _set_threads(config.cpu_threads)
         try:
             stats = _roll(config, todo, Rollout(backend, renderer, executor,
                                                 config.rollout_config(config.temperature, config.top_p, config.seed),
                                                 grader))
         finally:
+            _set_threads(threads)
             if own_executor:
                 executor.shutdown()
     ids = {p.prompt_id for p in prompts}
@@ -261,6 +265,17 @@ def run_generate(config: GenerateConfig, *, model=None, tokenizer=None, backend=
     summary = summarize(records, stats, len(todo))
     logger.info("generate summary (%s):\n%s", config.output_file, format_summary(summary))
     return summary
+
+
+def _set_threads(n: int | None) -> int | None:
+    """Set torch's CPU thread count; returns the previous one (None: nothing changed)."""
+    if n is None:
+        return None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    return before
 
 
 def _roll(config, todo: list[Prompt], rollout: Rollout) -> Counter:

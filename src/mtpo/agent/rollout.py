@@ -111,7 +111,9 @@ class Trajectory:
                "num_tool_timeouts": self.num_tool_timeouts, "last_tool_ok": self.last_tool_ok,
                "num_generated_tokens": sum(len(t.token_ids) for t in self.turns),
                "consistency": self.consistency, "meta": dict(self.prompt.meta)}
-        rec["correct"] = bool(grader.grade(rec, self.prompt.gold))
+        # the answer was found with the fallback, so it must be graded with it too
+        rec["correct"] = bool(grader.grade(rec, self.prompt.gold, fallback=True) if fallback
+                              else grader.grade(rec, self.prompt.gold))
         return rec
 
 
