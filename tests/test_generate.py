@@ -255,3 +255,17 @@ def test_prompt_ids_survive_resume_reading(tmp_path):
     path.write_text('{"prompt_id": "a", "sample": 0}\n{"prompt_id": "a", "sample": 1}\n{"prompt_id": "b", "sample": 0}\n')
     assert list(read_complete(str(path), 2)) == ["a"]
     assert path.read_text().count("\n") == 2  # the incomplete prompt was removed from the file
+
+
+def test_eval_cli_on_the_example(tmp_path, capsys):
+    from mtpo.agent.evaluate import cli
+
+    out = tmp_path / "eval"
+    code = cli([os.path.join(ROOT, "examples", "eval.yaml"), f"--output_dir={out}", "--limit=2", "--maj_k=2",
+                "--max_new_tokens=4", f"--model_name_or_path={TINY}",
+                f"--prompts={os.path.join(ROOT, 'examples', 'data', 'math_mini.jsonl')}"])
+    table = capsys.readouterr().out
+    assert code == 0 and table.startswith("| group | problems | pass@1 | maj@2 | pass@2 |")
+    assert "| Algebra | 1 |" in table and "| Level 1 | 1 |" in table
+    assert (out / "results.md").read_text() == table
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4

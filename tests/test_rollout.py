@@ -207,6 +207,14 @@ def test_consistency_on_real_templates(name, tiny_tok, gemma_tok, chatml_tok, ll
     assert rollout.stats["consistency_ok"] == 4
 
 
+def test_tool_messages_on_a_template_that_renders_them(chatml_tok, template):
+    renderer = ChatRenderer(chatml_tok, RenderOptions(chat_template=template("qwen2_5")))
+    records, _, _ = run(renderer, {q: SCRIPT[q] for q in ("Q-answer", "Q-errors")}, tool_format="tool")
+    assert [m["role"] for m in records[0]["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert "<tool_response>\n42\n</tool_response>" in renderer.generation_context(records[0]["messages"])[0]
+    assert {r["consistency"] for r in records} == {"ok"}
+
+
 def test_noncanonical_tokens_are_counted_and_strict_mode_raises(tiny_renderer):
     tok = tiny_renderer.tokenizer
     by_char = lambda text: [i for ch in text for i in tok.encode(ch, add_special_tokens=False)]  # noqa: E731
