@@ -103,6 +103,17 @@ def make_runner(sampled: list, kill_generate: tuple[int, int] | None = None):
     return runner
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models on a shared CPU train faster on one thread (subprocesses: OMP_NUM_THREADS=1, the same)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "sums.jsonl"
@@ -285,10 +296,11 @@ def test_example_config_is_valid():
     assert cfg.iterations == 2 and cfg.model_name_or_path == "examples/tiny-model"
 
 
-def test_stage_yaml_reruns_by_hand_in_a_subprocess(dpo_fixed, tmp_path):
+def test_stage_yaml_reruns_by_hand_in_a_subprocess(dpo_fixed, tmp_path, monkeypatch):
     """iter_1/train.yaml is the exact command: `python -m mtpo dpo` on it retrains the same weights."""
     import yaml
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # as in this process (thread count can change float sums)
     out = dpo_fixed[0]
     values = yaml.safe_load(open(out / "iter_1" / "train.yaml"))
     values["output_dir"] = str(tmp_path / "model")
@@ -323,7 +335,7 @@ def test_example_runs_with_the_real_hf_backend(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(root)
     cfg = load_config(it.IterateConfig, "examples/iterate.yaml",
                       [f"--output_dir={tmp_path}", "--samples_per_prompt=2", "--eval_prompts=null",
-                       "--generate={max_new_tokens: 8, max_tool_calls: 1, max_length: 256, device: cpu}"])
+                       "--generate={max_new_tokens: 8, max_tool_calls: 1, max_length: 256, device: cpu, cpu_threads: 1}"])
     lines = it.run_iterate(cfg)
     assert [line["trajectories"] for line in lines] == [8, 8]  # 8 prompts split in 2 × 2 samples
     assert all(line["train_skipped"] and line["model"] == "examples/tiny-model" for line in lines)
