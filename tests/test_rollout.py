@@ -184,6 +184,15 @@ def test_control_token_in_a_turn_is_cut(tiny_renderer):
     assert records[0]["messages"][-1]["content"] == "half "
 
 
+def test_an_empty_turn_is_not_appended(tiny_renderer):
+    records, _, _ = run(tiny_renderer, {"Q-empty": [say("")], "Q-later": [code("print(1)"), (STOP, "stop")]})
+    empty, later = sorted(records, key=lambda r: r["prompt_id"])
+    assert (empty["finish_reason"], empty["messages"], empty["num_generated_tokens"]) == \
+        ("empty", [{"role": "user", "content": "Q-empty"}], 1)
+    assert later["finish_reason"] == "empty" and [m["role"] for m in later["messages"]] == ["user", "assistant", "user"]
+    assert later["consistency"] == "ok" and empty["consistency"] == "empty"
+
+
 def test_tool_output_cannot_inject_control_tokens(tiny_renderer):
     class Printer(FakeExecutor):
         def submit(self, key, code):

@@ -16,6 +16,8 @@ Finish reasons (`record["finish_reason"]`):
               errors *in* the model's code are ordinary tool outputs, counted in `num_tool_errors`
   control_token  the backend produced a control token (`<|im_start|>` …) inside a turn; the turn is
               cut before it (HFBackend suppresses these tokens, so this only comes from other backends)
+  empty       a turn with no text (only its end token, or the stop string right away): it is not
+              appended, since the trainers reject an empty message
 
 Consistency (see docs/generate.md): after a trajectory finishes it is rendered as the trainer will
 render it; each turn's context must be a prefix of that rendering and the trained tokens of each
@@ -40,7 +42,7 @@ from mtpo.data import Conversation, Message, RecordError
 from mtpo.render import ChatRenderer, _special_token_pattern
 
 logger = logging.getLogger("mtpo")
-FINISH_REASONS = ("answered", "no_code", "max_calls", "max_tokens", "length", "tool_error", "control_token")
+FINISH_REASONS = ("answered", "no_code", "max_calls", "max_tokens", "length", "tool_error", "control_token", "empty")
 TOOL_FORMATS = ("user", "tool")
 CONSISTENCY_MODES = ("warn", "strict", "off")
 _CODE = re.compile(r"```python[ \t]*\n(.*?)```", re.S)
@@ -97,6 +99,7 @@ class Trajectory:
     last_tool_ok: bool | None = None
     finish_reason: str | None = None
     consistency: str = "unchecked"
+    generated_tokens: int = 0
 
     @property
     def key(self) -> str:
@@ -109,7 +112,7 @@ class Trajectory:
                "gold": self.prompt.gold, "answer": answer, "correct": False, "finish_reason": self.finish_reason,
                "num_tool_calls": self.num_tool_calls, "num_tool_errors": self.num_tool_errors,
                "num_tool_timeouts": self.num_tool_timeouts, "last_tool_ok": self.last_tool_ok,
-               "num_generated_tokens": sum(len(t.token_ids) for t in self.turns),
+               "num_generated_tokens": self.generated_tokens,
                "consistency": self.consistency, "meta": dict(self.prompt.meta)}
         # the answer was found with the fallback, so it must be graded with it too
         rec["correct"] = bool(grader.grade(rec, self.prompt.gold, fallback=True) if fallback
@@ -199,6 +202,10 @@ class Rollout:
         bad = self._special.search(content) if self._special is not None else None
         if bad:  # would become structure, not text, when re-rendered: cut the turn before it
             content, cut = content[: bad.start()], True
+        t.generated_tokens += len(out.token_ids)
+        if not content:  # trainers reject an empty message: the turn is not appended, the trajectory ends
+            t.finish_reason = "control_token" if bad else "empty"
+            return
         t.turns.append(Turn(ctx_text, ctx_ids, list(out.token_ids), out.finish, cut))
         t.messages.append({"role": "assistant", "content": content})
         if bad:
