@@ -97,6 +97,8 @@ TABLE = [
     ("\\dfrac{3}{4}", "\\frac{3}{4}", True, "\\dfrac is \\frac"),
     ("\\tfrac34", "0.75", True, "\\tfrac shorthand and a decimal"),
     ("\\frac34", "\\frac{3}{4}", True, "\\frac shorthand"),
+    ("\\frac\\pi4 + 2", "2+\\frac{\\pi}{4}", True, "unbraced command argument (math-verify alone mangles \\frac\\pi4)"),
+    ("\\sqrt23", "3\\sqrt{2}", True, "\\sqrt23 is sqrt(2) times 3, as LaTeX typesets it"),
     ("\\frac{\\sqrt{3}}{2}", "\\frac{\\sqrt3}2", True, "braces around single tokens"),
     ("\\left( 1, 2 \\right)", "(1,2)", True, "\\left( \\right) are plain parentheses"),
     ("\\displaystyle \\frac12", "0.5", True, "\\displaystyle is layout"),

@@ -30,6 +30,9 @@ _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _SIMPLE_SUBS = [
     (re.compile(r"\\(?:displaystyle|textstyle|scriptstyle)"), ""),
     (re.compile(r"\\[dt]frac(?![a-zA-Z])"), r"\\frac"),
+    # unbraced arguments (`\\frac\\pi4`, `\\sqrt2`) braced: math-verify turns `\\frac\\pi4` into `\\frac{\\}{p}i4`
+    (re.compile(r"\\(frac|sqrt)\s*(\\[a-zA-Z]+|[A-Za-z0-9])"), r"\\\1{\2}"),
+    (re.compile(r"\\frac\{((?:[^{}]|\{[^{}]*\})*)\}\s*(\\[a-zA-Z]+|[A-Za-z0-9])"), r"\\frac{\1}{\2}"),
     (re.compile(r"\\(?:left|right)\s*\.|\\big[lr]?|\\Big[lr]?"), ""),
     (re.compile(r"\\(?:left|right)(?![a-zA-Z])"), ""),
     (re.compile(r"\\lbrace"), r"\\{"),
