@@ -131,6 +131,17 @@ def test_every_finish_reason(tiny_renderer):
         {"role": "assistant", "content": "Let me compute.\n```python\nprint(6 * 7)\n```"},
         {"role": "user", "content": "```output\n42\n```"},
         {"role": "assistant", "content": "So the answer is \\boxed{42}."}]
+    # independently of the consistency check: the trained ids of the final rendering are what the
+    # policy sampled (canonical here), the stop string replaced by the template's <|im_end|>
+    from mtpo.data import Conversation, Message
+
+    tok = tiny_renderer.tokenizer
+    r = tiny_renderer.render(Conversation([Message(m["role"], m["content"]) for m in by_q["Q-answer"]["messages"]]))
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    sampled = [tok.encode(CODE.format("print(6 * 7)"), add_special_tokens=False),
+               tok.encode("So the answer is \\boxed{42}.", add_special_tokens=False) + [im_end]]
+    stop_tokens = len(tok.encode("\n" + STOP, add_special_tokens=False))
+    assert r.input_ids[r.trainable].tolist() == sampled[0][:-stop_tokens] + [im_end] + sampled[1]
     assert by_q["Q-answer"]["answer"] == "42" and by_q["Q-answer"]["last_tool_ok"] is True
     assert by_q["Q-errors"]["last_tool_ok"] is False and by_q["Q-nocode"]["answer"] is None
     # max_calls: 3 cells ran, the 4th turn's code did not
