@@ -271,8 +271,10 @@ def run_iterate(config: IterateConfig, runner: StageRunner | None = None) -> lis
         lines.append(run_iteration(config, k, policy, runner))
         policy = lines[-1]["model"]
         P.atomic_write_jsonl(os.path.join(config.output_dir, "iterations.jsonl"), lines)
-    link_final(config.output_dir, policy)
+    final = link_final(config.output_dir, policy)
     print(format_table(lines), flush=True)
+    print(f"→ {os.path.join(config.output_dir, 'iterations.jsonl')}" + (f"; final model: {final} → {policy}" if final
+                                                                        else ""), flush=True)
     return lines
 
 

@@ -75,7 +75,8 @@ def stage_values(config, stage: str, *, iteration: int = 1, workdir: str = ".",
                 "seed": seed}
     if stage == "train":
         data = os.path.join(workdir, P.OUTPUT_FILES[TRAINERS[config.algorithm][3]])
-        values = {**config.train, "model_name_or_path": policy, "train_data": data,
+        # Log every step unless told otherwise: iterations.jsonl reports the last logged step's loss.
+        values = {"logging_steps": 1, **config.train, "model_name_or_path": policy, "train_data": data,
                   "output_dir": os.path.join(workdir, "model"), "seed": seed, "resume_from_checkpoint": "auto"}
         if config.algorithm != "sft":
             values["ref_model_name_or_path"] = reference or config.model_name_or_path
