@@ -141,6 +141,15 @@ def test_bad_records_name_the_row_and_field(tmp_path):
         build_pairs([traj("a", 1, False), rec])
     with pytest.raises(RecordError, match=r"`correct` has the wrong type"):
         build_pairs([{**traj("a", 0, True), "correct": "yes"}])
+    no_calls = traj("a", 0, True)
+    del no_calls["num_tool_calls"]
+    with pytest.raises(RecordError, match=r"row 0: missing field `num_tool_calls` \(needed by drop_no_tool_call"):
+        build_pairs([no_calls])
+    assert build_pairs([no_calls], PairsConfig(drop_no_tool_call=False)).report["kept"] == 1
+    other = traj("a", 1, False)
+    other["messages"][0]["content"] = "another question"
+    with pytest.raises(RecordError, match="prompt 'a': samples 0 and 1 start with different prompt messages"):
+        build_pairs([traj("a", 0, True), other])
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     a.write_text(json.dumps(traj("a", 0, True)) + "\n")
     b.write_text(json.dumps(traj("a", 0, False)) + "\n")

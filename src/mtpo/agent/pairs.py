@@ -76,9 +76,11 @@ class PairsResult:
 # ------------------------------------------------------------------------------------------ reading
 
 
-def check_record(rec: dict, row: int, where: str = "") -> None:
+def check_record(rec: dict, row: int, where: str = "", need_tool_calls: bool = False) -> None:
     """A trajectory record has the fields pairs need, with the right types (error names row + field)."""
     suffix = f" ({where})" if where else ""
+    if need_tool_calls and "num_tool_calls" not in rec:
+        raise RecordError(row, f"missing field `num_tool_calls` (needed by drop_no_tool_call){suffix}")
     for key, types in (("prompt_id", (str, int)), ("messages", list), ("correct", bool), ("finish_reason", str)):
         if key not in rec:
             raise RecordError(row, f"missing field `{key}`{suffix}")
@@ -89,7 +91,7 @@ def check_record(rec: dict, row: int, where: str = "") -> None:
             raise RecordError(row, f"`{key}` has the wrong type: {type(rec[key]).__name__}{suffix}")
 
 
-def load_trajectories(paths: list[str]) -> list[dict]:
+def load_trajectories(paths: list[str], config: PairsConfig | None = None) -> list[dict]:
     """All records of all files, validated; a (prompt_id, sample) seen twice is an error (overlapping shards)."""
     if not paths:
         raise ConfigError("rollouts: no trajectory file given")
@@ -102,7 +104,7 @@ def load_trajectories(paths: list[str]) -> list[dict]:
     records, seen = [], {}
     for path in expanded:
         for i, rec in enumerate(load_rows(path)):
-            check_record(rec, i, path)
+            check_record(rec, i, path, need_tool_calls=bool(config and config.drop_no_tool_call))
             key = (str(rec["prompt_id"]), rec.get("sample"))
             if rec.get("sample") is not None and key in seen:
                 raise RecordError(i, f"prompt {key[0]!r} sample {key[1]} appears twice (also {seen[key]}); "
@@ -121,11 +123,8 @@ def filter_reason(rec: dict, config: PairsConfig) -> str | None:
         return "hit_limit"
     if config.drop_last_tool_error and (rec["finish_reason"] == "tool_error" or rec.get("last_tool_ok") is False):
         return "last_tool_error"
-    if config.drop_no_tool_call:
-        if rec.get("num_tool_calls") is None:
-            raise RecordError(rec.get("sample"), f"prompt {rec['prompt_id']!r}: drop_no_tool_call needs `num_tool_calls`")
-        if rec["num_tool_calls"] == 0:
-            return "no_tool_call"
+    if config.drop_no_tool_call and rec["num_tool_calls"] == 0:  # presence checked by check_record
+        return "no_tool_call"
     return None
 
 
@@ -175,8 +174,8 @@ def _row(rec: dict, **values) -> dict:
 
 def _draw_pairs(pid: str, good: list[dict], bad: list[dict], config: PairsConfig) -> list[dict]:
     if _prompt_messages(good[0]["messages"]) != _prompt_messages(bad[0]["messages"]):
-        raise RecordError(bad[0].get("sample"), f"prompt {pid!r}: samples of one prompt id start with different "
-                                                "prompt messages")
+        raise RecordError(None, f"prompt {pid!r}: samples {good[0].get('sample')} and {bad[0].get('sample')} start "
+                                "with different prompt messages (one prompt id used for two prompts?)")
     combos = [(g, b) for g in range(len(good)) for b in range(len(bad))]
     chosen = prompt_rng(config.seed, "pairs", pid).sample(combos, min(config.pairs_per_prompt, len(combos)))
     return [_row(good[g], chosen=good[g]["messages"], rejected=bad[b]["messages"],
@@ -200,7 +199,7 @@ def build_pairs(records: list[dict], config: PairsConfig | None = None) -> Pairs
     """Trajectory records → DPO / KTO / SFT rows and a report of every count (pure: no files)."""
     config = config or PairsConfig()
     for i, rec in enumerate(records):
-        check_record(rec, i)
+        check_record(rec, i, need_tool_calls=config.drop_no_tool_call)
     filtered, skipped = Counter({k: 0 for k in FILTERS}), Counter(all_correct=0, all_wrong=0, none_kept=0)
     dpo, kto, sft = [], [], []
     groups = _group(records)
@@ -258,7 +257,7 @@ def write_outputs(result: PairsResult, output_dir: str) -> dict[str, str]:
 
 def run_pairs(config: PairsConfig) -> dict:
     """Read the rollouts, build every kind of row, write them; returns the report (+ the file paths)."""
-    result = build_pairs(load_trajectories(config.rollouts), config)
+    result = build_pairs(load_trajectories(config.rollouts, config), config)
     result.report["inputs"] = list(config.rollouts)
     result.report["files"] = write_outputs(result, config.output_dir)
     return result.report
