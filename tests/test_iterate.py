@@ -340,3 +340,14 @@ def test_example_runs_with_the_real_hf_backend(tmp_path, capsys, monkeypatch):
     assert [line["trajectories"] for line in lines] == [8, 8]  # 8 prompts split in 2 × 2 samples
     assert all(line["train_skipped"] and line["model"] == "examples/tiny-model" for line in lines)
     assert "(training skipped)" in capsys.readouterr().out
+
+
+def test_drop_checkpoints_renames_before_deleting(tmp_path):
+    from transformers.trainer_utils import get_last_checkpoint
+
+    for name in ("checkpoint-1", "checkpoint-2", ".deleting-checkpoint-0"):  # the last: a killed earlier deletion
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "trainer_state.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_text("weights")
+    it.drop_checkpoints(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors"] and get_last_checkpoint(str(tmp_path)) is None

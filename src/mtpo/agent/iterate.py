@@ -172,11 +172,22 @@ def train_stage(config: IterateConfig, k: int, workdir: str, policy: str, refere
     values = stage_values(config, "train", iteration=k, workdir=workdir, policy=policy, reference=reference)
     runner(config.algorithm, values, write_stage_yaml(workdir, "train", values))
     model_dir = values["output_dir"]
-    if not config.keep_checkpoints:  # a rerun after a kill here retrains from scratch: same result
-        for name in os.listdir(model_dir):
-            if name.startswith("checkpoint-"):
-                shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
+    if not config.keep_checkpoints:
+        drop_checkpoints(model_dir)
     return {"model": model_dir, "train_rows": n, "train_skipped": None, **last_train_metrics(model_dir)}
+
+
+def drop_checkpoints(model_dir: str) -> None:
+    """Delete a finished run's checkpoints. Each is renamed first (atomic), so a kill mid-deletion never
+    leaves a half-deleted `checkpoint-N` that a resumed run would try to load; a rerun then resumes from
+    an intact checkpoint or trains again from the start — the same result either way."""
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if name.startswith("checkpoint-") and os.path.isdir(path):
+            os.replace(path, os.path.join(model_dir, f".deleting-{name}"))
+    for name in os.listdir(model_dir):
+        if name.startswith(".deleting-checkpoint-"):
+            shutil.rmtree(os.path.join(model_dir, name), ignore_errors=True)
 
 
 def eval_stage(config: IterateConfig, k: int, workdir: str, policy: str, runner: StageRunner) -> dict:
