@@ -220,24 +220,48 @@ def test_killed_during_generation_resumes_to_the_same_result(tmp_path, prompts_f
     assert_same_run(tmp_path, dpo_fixed)
 
 
-def test_killed_during_training_resumes_from_checkpoint(tmp_path, prompts_file, dpo_fixed, monkeypatch):
+KILL_IN_TRAINING = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+torch.set_num_threads(1)
+import test_iterate as t
+from mtpo.trainers.base import MTPOTrainer
+real_step, calls = MTPOTrainer.training_step, []
+def dying_step(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 4:  # iteration 2, step 2: checkpoint-1 exists
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_step(self, *args, **kwargs)
+MTPOTrainer.training_step = dying_step
+t.run({out!r}, {prompts!r}, train={train!r})
+"""
+
+
+def test_sigkilled_during_training_resumes_from_checkpoint(tmp_path, prompts_file, dpo_fixed, monkeypatch):
+    """A real SIGKILL (no cleanup runs) of a separate process in training, then a fresh resume here."""
+    import signal
+    import subprocess
+    import sys
+
     from mtpo.trainers.base import MTPOTrainer
 
-    real_step, calls = MTPOTrainer.training_step, []
-
-    def dying_step(self, *args, **kwargs):
-        calls.append(self.args.output_dir)
-        if len(calls) == 4:  # iteration 2, step 2: checkpoint-1 exists
-            raise Killed("killed during training")
-        return real_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(MTPOTrainer, "training_step", dying_step)
     train = {**TRAIN, "save_strategy": "steps", "save_steps": 1}
-    with pytest.raises(Killed):
-        run(tmp_path, prompts_file, train=train)
+    script = KILL_IN_TRAINING.format(tests=os.path.dirname(os.path.abspath(__file__)), out=str(tmp_path),
+                                     prompts=prompts_file, train=train)
+    killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     model_dir = tmp_path / "iter_2" / "model"
     assert sorted(n for n in os.listdir(model_dir) if n.startswith("checkpoint-")) == ["checkpoint-1"]
-    calls.clear()
+    assert not (tmp_path / "iter_2" / "stages" / "train.json").exists()
+    real_step, calls = MTPOTrainer.training_step, []
+
+    def counting_step(self, *args, **kwargs):
+        calls.append(self.args.output_dir)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(MTPOTrainer, "training_step", counting_step)
     run(tmp_path, prompts_file, train=train)
     assert calls == [str(model_dir)]  # only step 2 ran again: step 1 came from checkpoint-1
     assert_same_run(tmp_path, dpo_fixed)
