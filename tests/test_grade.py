@@ -255,6 +255,8 @@ def test_exact_value_refuses_what_it_cannot_do_safely():
         ("nested \\boxed{\\frac{a}{\\sqrt{b}}} end", False, "\\frac{a}{\\sqrt{b}}"),
         ("answer $\\boxed 5$.", False, "5"),
         ("answer \\boxed 5.", False, "5"),
+        ("answer $\\boxed42$", False, "42"),
+        ("ends with \\boxed", False, None),
         ("\\fbox{42}", False, "42"),
         ("\\boxed { 7 }", False, "7"),
         ("\\boxed{3} and later \\boxed{4", False, None),  # the last box is cut off: no final answer
@@ -383,6 +385,16 @@ def test_stuck_worker_is_killed_and_replaced(monkeypatch):
         assert worker.proc.poll() is not None and not pool._all  # killed and forgotten
         monkeypatch.setattr(mathverify_pool, "KILL_GRACE_S", 3.0)
         assert pool.check("3\\sqrt2", "\\sqrt{18}", 10.0) == (True, None)  # a fresh worker
+    finally:
+        pool.shutdown()
+
+
+def test_warm_starts_every_worker():
+    pool = mathverify_pool.MathVerifyPool(max_workers=2)
+    try:
+        pool.warm()
+        assert len(pool._all) == 2 and all(w.alive() for w in pool._all) and pool._idle.qsize() == 2
+        assert pool.check("\\sqrt{4}", "2", 10.0) == (True, None) and len(pool._all) == 2  # reused
     finally:
         pool.shutdown()
 

@@ -77,7 +77,7 @@ def extract_answer(text: str | None, fallback: bool = False) -> str | None:
         if rest.startswith("{"):
             inner = _braced(rest, 0)
             return inner.strip() if inner is not None and inner.strip() else None
-        m = re.match(r"[^\s$]+", rest) if end < len(text) and text[end].isspace() else None
+        m = re.match(r"[^\s$]+", rest)  # `\\boxed 5`, `\\boxed5`: up to the next space or `$`
         return m.group().rstrip(".,") if m else None
     if fallback:
         found = _FALLBACK.findall(text)
@@ -141,6 +141,11 @@ def _get_pool() -> MathVerifyPool:
         if _pool is None or _pool.pid != os.getpid():  # a forked child must not share pipes
             _pool = MathVerifyPool()
         return _pool
+
+
+def warm_up() -> None:
+    """Start the math-verify workers now instead of at the first symbolic comparison."""
+    _get_pool().warm()
 
 
 @atexit.register

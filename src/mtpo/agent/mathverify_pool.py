@@ -212,6 +212,19 @@ class MathVerifyPool:
                 self._idle.put(worker)
             return resp.get("r"), resp.get("e")
 
+    def warm(self) -> None:
+        """Start the missing workers now, in parallel, and wait until each answers (importing sympy and
+        math-verify takes about a second): call it while a model loads."""
+        with self._lock:
+            new = [_Worker() for _ in range(self.max_workers - len(self._all))]
+            self._all.extend(new)
+        for worker in new:
+            if worker.ask("1", "1", 60.0).get("killed"):
+                with self._lock:
+                    self._all.remove(worker)
+            else:
+                self._idle.put(worker)
+
     def shutdown(self) -> None:
         with self._lock:
             workers, self._all = self._all, []
