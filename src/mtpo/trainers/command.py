@@ -23,7 +23,7 @@ import textwrap
 import typing
 from typing import Any
 
-from mtpo.config import ConfigError, build_config, read_values, unknown_option
+from mtpo.config import ConfigError, _coerce, build_config, read_values, unknown_option
 from mtpo.data import DataError
 from mtpo.options import TRAINER_OPTIONS
 from mtpo.runs import Interrupted, check_output_dir
@@ -95,8 +95,6 @@ def precheck(name: str, values: dict[str, Any]):
         if key not in own and key not in training:
             raise ConfigError(unknown_option(key, own | set(training), options_cls))
     options = build_config(options_cls, {k: v for k, v in values.items() if k in own})
-    from mtpo.config import _coerce
-
     for key, value in values.items():
         if key not in own:
             setattr(options, key, _coerce(key, value, _annotation_type(training[key].annotation)))
@@ -111,12 +109,15 @@ def precheck(name: str, values: dict[str, Any]):
 # ------------------------------------------------------------------------------------------ help
 
 
+OWN_DEFAULTS = {"output_dir": "'outputs/mtpo'"}  # TrainingArguments fields whose default mtpo sets (args.py)
+
+
 def format_help(name: str) -> str:
     """Every option of `mtpo <name>`: mtpo's first, then TrainingArguments', with help and default."""
     _, _, _, what = TRAINERS[name]
-    lines = [f"usage: mtpo {name} CONFIG.yaml [--key=value ...]", "", what,
-             "Options go in the YAML file (option: value) or on the command line as --key=value (a YAML value: "
-             "--bf16, --max_length=null, --lora_target_modules=[q_proj,v_proj]); later ones win.", "",
+    intro = ("Options go in the YAML file (option: value) or on the command line as --key=value (a YAML value: "
+             "--bf16, --max_length=null, --lora_target_modules=[q_proj,v_proj]); the command line wins.")
+    lines = [f"usage: mtpo {name} CONFIG.yaml [--key=value ...]", "", what, *textwrap.wrap(intro, 96), "",
              f"mtpo options (docs/{name}.md):"]
     for f in dataclasses.fields(TRAINER_OPTIONS[name]):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
@@ -124,7 +125,7 @@ def format_help(name: str) -> str:
     lines += ["", "transformers TrainingArguments options (https://huggingface.co/docs/transformers/main_classes/"
               "trainer#transformers.TrainingArguments):"]
     for info in training_arguments_fields().values():
-        lines += _entry(info.name, info.help, info.default)
+        lines += _entry(info.name, info.help, OWN_DEFAULTS.get(info.name, info.default))
     return "\n".join(lines)
 
 
