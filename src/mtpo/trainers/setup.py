@@ -155,8 +155,10 @@ def run_training(config: MTPOConfig, *, prepare: Callable, trainer_cls: type, co
     trainer.add_callback(stop)
     with stop.catching():
         trainer.train(resume_from_checkpoint=checkpoint)
-    if stop.signum is not None:
+    if stop.signum is not None and stop.checkpoint is not None:
         raise Interrupted(stop.signum, trainer.state.global_step, stop.checkpoint)
+    if stop.signum is not None:  # after the last step: training is complete, save it as usual
+        logger.warning("signal %d after the last step: saving the finished run", stop.signum)
     return finish(trainer, config, {"train": train_report, "eval": eval_report}, started)
 
 
