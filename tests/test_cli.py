@@ -152,3 +152,15 @@ def test_skipped_rows_warn_with_counts_and_too_many_stop_with_reasons(tmp_path, 
         mp.undo()
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("SKIPPED 3 of 5 rows" in w and "longer than max_length=128" in w for w in warnings), warnings
+
+
+def test_ctrl_c_before_training_is_one_line_exit_130(tmp_path, capsys, monkeypatch):
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("mtpo.trainers.setup.load_tokenizer", interrupted)
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps(ROW) + "\n", encoding="utf-8")
+    rc = cli_main(["dpo", f"--model_name_or_path={TINY}", f"--train_data={data}", f"--output_dir={tmp_path / 'o'}",
+                   "--use_cpu", "--report_to=none"])
+    assert rc == 130 and capsys.readouterr().err.strip().splitlines() == ["mtpo dpo: interrupted; no checkpoint saved"]
