@@ -259,6 +259,23 @@ def test_loss_and_final_weights_match_one_process(trainer, single, multi, initia
         assert rank1["param_checksums"][name] == pytest.approx([s, sq], rel=1e-6, abs=1e-6), name
 
 
+def test_cpu_launch_without_use_cpu_trains_distributed(workdir, single, initial_weights):
+    """`torchrun --nproc_per_node 2` on a machine without GPU and without `use_cpu`: one data-parallel
+    run on CPU/gloo, not two independent trainings each writing every metrics.jsonl line."""
+    job = _job("dpo", workdir, "2x2-no-use-cpu", 2)
+    job["config"]["use_cpu"] = False
+    _launch(workdir, "multi-no-use-cpu", 2, [job])
+    rank0, rank1 = _result(job, 0), _result(job, 1)
+    assert (rank0["trainer_world_size"], rank1["trainer_world_size"]) == (2, 2)
+    one = single["dpo"]["big"]
+    _assert_logs_match(_logs(rank0), _logs(one), "2 processes without use_cpu vs 1 process")
+    _assert_weights_match(_weights(rank0), _weights(one), initial_weights)
+    with open(os.path.join(job["config"]["output_dir"], "metrics.jsonl"), encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # each step once
+    assert [r["step"] for r in records if "eval_loss" in r] == [3]
+
+
 @pytest.mark.parametrize("trainer", TRAINERS)
 def test_logged_metrics_are_global(trainer, single, multi):
     """Every train and eval metric of the 2-process run equals the 1-process value over the same global

@@ -5,11 +5,11 @@ from __future__ import annotations
 import importlib
 import sys
 
-# command → (module exposing `cli(argv) -> int`, one-line help)
+# command → (module exposing `cli(argv) -> int`, or "module:function"; one-line help)
 COMMANDS = {
-    "dpo": ("mtpo.trainers.dpo", "train with multi-turn DPO (M-DPO):  mtpo dpo config.yaml [--key=value ...]"),
-    "kto": ("mtpo.trainers.kto", "train with multi-turn KTO (M-KTO):  mtpo kto config.yaml [--key=value ...]"),
-    "sft": ("mtpo.trainers.sft", "masked multi-turn SFT / RAFT:        mtpo sft config.yaml [--key=value ...]"),
+    "dpo": ("mtpo.trainers.command:dpo", "train with multi-turn DPO (M-DPO):  mtpo dpo config.yaml [--key=value ...]"),
+    "kto": ("mtpo.trainers.command:kto", "train with multi-turn KTO (M-KTO):  mtpo kto config.yaml [--key=value ...]"),
+    "sft": ("mtpo.trainers.command:sft", "masked multi-turn SFT / RAFT:        mtpo sft config.yaml [--key=value ...]"),
     "inspect": ("mtpo.inspect", "show which tokens are trained:       mtpo inspect DATA --tokenizer PATH"),
     "generate": ("mtpo.agent.generate", "sample tool-using trajectories:      mtpo generate config.yaml [--shard I/N]"),
     "eval": ("mtpo.agent.evaluate", "pass@1 / maj@k with the Python tool: mtpo eval config.yaml"),
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] not in COMMANDS:
         print(f"mtpo: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[argv[0]][0])
-    return int(module.cli(argv[1:]) or 0)
+    module_name, _, function = COMMANDS[argv[0]][0].partition(":")  # "module" (its `cli`) or "module:function"
+    return int(getattr(importlib.import_module(module_name), function or "cli")(argv[1:]) or 0)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 `load_config(cls, "config.yaml", ["--beta=0.2"])` reads YAML, applies `--key=value` overrides (values
 parsed as YAML, so `--bf16=true`, `--lora_target_modules=[q_proj,v_proj]` work), rejects unknown keys
 (with a suggestion) and wrong types before anything heavy happens, then builds the dataclass, whose
-`__post_init__` validates the values.
+`__post_init__` validates the values. This module imports no torch and no transformers: the option
+fields and their checks live in `mtpo.options`; the `TrainingArguments` subclasses (`MTPOConfig`,
+`ReferenceConfig`, importable from here) in `mtpo.trainers.args`.
 """
 
 from __future__ import annotations
@@ -15,114 +17,23 @@ import os
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-from transformers import TrainingArguments
-
-from mtpo.prepare import INVALID_ROW_MODES, TRUNCATION_MODES
-from mtpo.render import END_OF_TURN_MODES, RenderOptions
-
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the key."""
 
 
-@dataclass
-class MTPOConfig(TrainingArguments):
-    """Options shared by `mtpo dpo`, `mtpo kto` and `mtpo sft` (plus every `TrainingArguments` field)."""
+def __getattr__(name: str):
+    # The config classes subclass transformers' TrainingArguments (~5 s to import with torch): loaded
+    # on first use, so that reading and checking a config (mtpo.options) stays light.
+    if name in ("MTPOConfig", "ReferenceConfig"):
+        from mtpo.trainers import args
 
-    # --- model
-    model_name_or_path: str | None = field(default=None, metadata={"help": "Policy: Hub name or local folder."})
-    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
-    chat_template: str | None = field(default=None, metadata={"help": "A .jinja file overriding the tokenizer's template."})
-    dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (checkpoint's), float32, bfloat16, float16."})
-    attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
-    # --- data
-    train_data: str | None = field(default=None, metadata={"help": "JSONL/JSON/Parquet file, dataset folder or Hub name."})
-    eval_data: str | None = field(default=None, metadata={"help": "Optional evaluation data (same formats)."})
-    max_length: int | None = field(default=2048, metadata={"help": "Max tokens per trajectory (each side of a pair)."})
-    truncation: str = field(default="drop", metadata={"help": "Rows over max_length: drop (counted) or keep_start."})
-    invalid_rows: str = field(default="error", metadata={"help": "Malformed rows: error (stop, naming the row) or skip (count)."})
-    trainable_roles: list[str] = field(default_factory=lambda: ["assistant"], metadata={"help": "Roles the policy generated."})
-    end_of_turn: str = field(default="every", metadata={"help": "Train the end-of-turn token on every / last / none turn."})
-    end_of_turn_text: list[str] = field(default_factory=list, metadata={"help": "End-of-turn strings (default: detected)."})
-    # --- compute
-    logprob_chunk_size: int = field(default=1024, metadata={"help": "At most this many rows through the LM head at once (fewer at large vocabularies: rows × V ≤ 2^27)."})
-    # --- LoRA (needs `pip install mtpo[peft]`)
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "Modules to adapt."})
-
-    def __post_init__(self):
-        if self.output_dir is None:
-            self.output_dir = "outputs/mtpo"
-        # Our batches carry explicit masks, not the model's forward arguments: keep every column.
-        self.remove_unused_columns = False
-        super().__post_init__()
-        _one_of("dtype", self.dtype, DTYPES)
-        _one_of("truncation", self.truncation, TRUNCATION_MODES)
-        _one_of("invalid_rows", self.invalid_rows, INVALID_ROW_MODES)
-        _one_of("end_of_turn", self.end_of_turn, END_OF_TURN_MODES)
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
-        if self.logprob_chunk_size < 1:
-            raise ConfigError(f"logprob_chunk_size must be positive, got {self.logprob_chunk_size}")
-        if not self.trainable_roles:
-            raise ConfigError("trainable_roles is empty: nothing would be trained")
-        if (self.bf16 and self.dtype == "float16") or (self.fp16 and self.dtype == "bfloat16"):
-            raise ConfigError(f"dtype={self.dtype} contradicts {'bf16' if self.bf16 else 'fp16'}=true")
-
-    def render_options(self) -> RenderOptions:
-        template = None
-        if self.chat_template:
-            with open(self.chat_template, encoding="utf-8") as f:
-                template = f.read()
-        return RenderOptions(tuple(self.trainable_roles), self.end_of_turn, tuple(self.end_of_turn_text), template)
-
-    def check_paths(self) -> None:
-        """Missing local files fail here, before any model is loaded."""
-        if not self.model_name_or_path:
-            raise ConfigError("model_name_or_path is required")
-        if not self.train_data:
-            raise ConfigError("train_data is required")
-        for key in ("train_data", "eval_data", "chat_template", "model_name_or_path", "tokenizer_name_or_path",
-                    "ref_model_name_or_path"):
-            value = getattr(self, key, None)
-            if value and _looks_local(value) and not os.path.exists(value):
-                raise ConfigError(f"{key}: path not found: {value}")
-        strategy = getattr(self.eval_strategy, "value", self.eval_strategy)
-        if strategy != "no" and not self.eval_data:
-            raise ConfigError(f"eval_strategy={strategy} needs eval_data (or set eval_strategy: 'no')")
-
-
-@dataclass
-class ReferenceConfig(MTPOConfig):
-    """Options of the trainers that compare the policy with a reference (`mtpo dpo`, `mtpo kto`)."""
-
-    ref_model_name_or_path: str | None = field(default=None, metadata={"help": "Reference (default: policy's start)."})
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "Compute reference log-probs once, before training."})
-    disable_dropout: bool = field(default=True, metadata={"help": "Turn dropout off in policy and reference."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.use_peft and self.ref_model_name_or_path:
-            raise ConfigError("with use_peft the reference is the adapter-disabled policy; drop ref_model_name_or_path")
-
-
-def _looks_local(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or value.endswith((".jsonl", ".json", ".parquet", ".jinja", ".yaml"))
-
-
-def _one_of(key: str, value: Any, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {list(allowed)}, got {value!r}")
+        return getattr(args, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -130,6 +41,11 @@ def _one_of(key: str, value: Any, allowed) -> None:
 
 def load_config(cls: type, path: str | None = None, overrides: list[str] | None = None, **extra: Any):
     """Build `cls` from a YAML file, `--key=value` overrides and keyword values (in that order)."""
+    return build_config(cls, read_values(cls, path, overrides, **extra))
+
+
+def read_values(cls: type, path: str | None = None, overrides: list[str] | None = None, **extra: Any) -> dict:
+    """The option values of a YAML file, `--key=value` overrides and keywords (later ones win), unchecked."""
     values: dict[str, Any] = {}
     if path is not None:
         if not os.path.isfile(path):
@@ -145,7 +61,7 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
     # Aliases are resolved per source, so `--warmup_steps=0` overrides a file's `warmup_ratio: 0.1`.
     values.update(_resolve_aliases(cls, parse_overrides(overrides or [])))
     values.update(_resolve_aliases(cls, extra))
-    return build_config(cls, values)
+    return values
 
 
 class _YAMLLoader(yaml.SafeLoader):
@@ -216,9 +132,7 @@ def build_config(cls: type, values: dict[str, Any]):
     kwargs = {}
     for key, value in values.items():
         if key not in fields:
-            close = difflib.get_close_matches(key, fields, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown option {key!r}{hint}")
+            raise ConfigError(unknown_option(key, fields, cls))
         kwargs[key] = _coerce(key, value, hints.get(key, Any))
     try:
         return cls(**kwargs)
@@ -226,6 +140,20 @@ def build_config(cls: type, values: dict[str, Any]):
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from None
+
+
+def unknown_option(key: str, known, cls: type) -> str:
+    """'unknown option' with the closest known name, or the trainer whose option it is
+    (`mtpo dpo examples/kto.yaml` → "this looks like a `mtpo kto` config")."""
+    from mtpo.options import TRAINER_OPTIONS
+
+    owners = [name for name, options in TRAINER_OPTIONS.items()
+              if not issubclass(cls, options) and key in {f.name for f in dataclasses.fields(options)}]
+    if owners:
+        return (f"unknown option {key!r}: it is an option of `mtpo {' / mtpo '.join(owners)}`; "
+                f"this looks like a `mtpo {owners[0]}` config")
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f"unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
 
 _BOOL_WORDS = {"yes": True, "on": True, "y": True, "no": False, "off": False, "n": False}

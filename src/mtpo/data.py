@@ -24,7 +24,12 @@ from typing import Any, Iterable
 KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool", "ipython", "function")
 
 
-class RecordError(ValueError):
+class DataError(ValueError):
+    """A data source is unusable (unreadable file, malformed JSON line, ...). The message names the
+    file (and line); `mtpo dpo|kto|sft` and `mtpo inspect` print it as one line and exit 2."""
+
+
+class RecordError(DataError):
     """A row (or one of its messages) is malformed. The message always names the row."""
 
     def __init__(self, row: int | None, msg: str, message: int | None = None, side: str | None = None):
@@ -111,7 +116,7 @@ def load_rows(source: str, split: str = "train") -> list[dict]:
             import datasets
 
             return list(datasets.Dataset.from_parquet(source))
-        raise ValueError(f"{source}: unknown file type (expected .jsonl, .json, .parquet or a dataset folder)")
+        raise DataError(f"{source}: unknown file type (expected .jsonl, .json, .parquet or a dataset folder)")
     if source.startswith((".", "/", "~")) or source.lower().endswith((".jsonl", ".jsonl.gz", ".ndjson", ".json", ".parquet")):
         raise FileNotFoundError(f"data file not found: {source}")
     import datasets  # a Hub dataset name, for users who are online
@@ -129,9 +134,9 @@ def _load_jsonl(path: str) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
+                raise DataError(f"{path}:{lineno}: each line must be a JSON object, got {type(row).__name__}")
             rows.append(row)
     return rows
 
@@ -146,11 +151,14 @@ def _open_maybe_gzip(path: str):
 
 def _load_json(path: str) -> list[dict]:
     with open(path, encoding="utf-8") as f:
-        data = json.load(f)
+        try:
+            data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise ValueError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
+        raise DataError(f"{path}: expected a JSON list of objects (or {{'data': [...]}})")
     return data
 
 
@@ -160,7 +168,7 @@ def _load_dataset_dir(path: str, split: str) -> list[dict]:
     ds = datasets.load_from_disk(path)
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
-            raise ValueError(f"{path}: split {split!r} not found (have {sorted(ds)})")
+            raise DataError(f"{path}: split {split!r} not found (have {sorted(ds)})")
         ds = ds[split]
     return list(ds)
 
@@ -263,6 +271,10 @@ def parse_pair(row: dict, index: int) -> PreferencePair:
         prompt = parse_messages(row["prompt"], index, "prompt")
     else:  # research format: both sides carry the same leading prompt messages
         cut_c, cut_r = split_prompt(chosen), split_prompt(rejected)
+        for side, msgs, cut in (("chosen", chosen, cut_c), ("rejected", rejected, cut_r)):
+            if cut == len(msgs):  # else reported as differing prompts, hiding the real cause
+                raise RecordError(index, "empty completion: no assistant message (research format: the prompt "
+                                  "is everything before the first assistant message)", side=side)
         _check_same_prompt(chosen[:cut_c], rejected[:cut_r], index)
         prompt, chosen, rejected = chosen[:cut_c], chosen[cut_c:], rejected[cut_r:]
     if not prompt:

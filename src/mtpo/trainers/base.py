@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
+import threading
 from collections import defaultdict
 
 import torch
@@ -44,6 +46,15 @@ class MTPOTrainer(Trainer):
         self._metric_sums: dict[str, dict[str, list[float]]] = {"train": defaultdict(lambda: [0.0, 0.0]),
                                                                  "eval": defaultdict(lambda: [0.0, 0.0])}
         self.add_callback(MetricsFileCallback())
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        """Resuming: tied weights (lm_head = embed_tokens) are saved once, so the other name is
+        "missing" but loaded through the tie — not worth transformers' alarming warning."""
+        params = dict(self.model.named_parameters(remove_duplicate=False))
+        missing = set(load_result.missing_keys)
+        loaded = {p.data_ptr() for name, p in params.items() if name not in missing}
+        really = [k for k in load_result.missing_keys if k not in params or params[k].data_ptr() not in loaded]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=really))
 
     # ------------------------------------------------------------------ log-probs
     def policy_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,6 +186,58 @@ class MetricsFileCallback(TrainerCallback):
         os.makedirs(args.output_dir, exist_ok=True)
         with open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGINT / SIGTERM during `train()`: finish the step, save a checkpoint, stop (see mtpo.runs).
+
+    The handler only sets a flag; the flag is read at the end of each step and, with several
+    processes, max-reduced, so that every process saves and stops at the same step. A second signal
+    while stopping gets the default behaviour (SIGINT: KeyboardInterrupt).
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self.checkpoint: str | None = None
+
+    @contextlib.contextmanager
+    def catching(self):
+        def handler(signum, frame):
+            self.signum = signum
+            for s in self.SIGNALS:  # a second Ctrl-C stops at once
+                signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
+
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            yield self
+            return
+        previous = {s: signal.signal(s, handler) for s in self.SIGNALS}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+    def _agreed_signal(self, args) -> int:
+        import torch.distributed as dist
+
+        signum = self.signum or 0
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            flag = torch.tensor([signum], device=args.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum
+
+    def on_step_end(self, args, state, control, **kwargs):
+        signum = self._agreed_signal(args)
+        if signum:
+            self.signum = signum
+            control.should_save = control.should_training_stop = True
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.signum:
+            self.checkpoint = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
 
 
 def disable_dropout(model: torch.nn.Module) -> None:

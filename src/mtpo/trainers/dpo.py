@@ -9,39 +9,22 @@ iteration's output) it optimises the non-regularised one (Xiong et al., ICLR 202
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from mtpo import losses as L
 from mtpo.collate import PairCollator, split_pair
-from mtpo.config import ConfigError, ReferenceConfig
+from mtpo.options import DPOOptions
 from mtpo.prepare import prepare_pairs
+from mtpo.trainers.args import ReferenceConfig
 from mtpo.trainers.base import MTPOTrainer
 from mtpo.trainers.setup import run_cli, run_training
 
 
 @dataclass
-class DPOConfig(ReferenceConfig):
-    """`mtpo dpo` options. Names follow TRL's DPOConfig where the meaning is the same."""
-
-    beta: float = field(default=0.1, metadata={"help": "Strength of the KL regularisation (β)."})
-    loss_type: str = field(default="sigmoid", metadata={"help": f"One of {sorted(L.PREFERENCE_LOSSES)}."})
-    label_smoothing: float = field(default=0.0, metadata={"help": "Conservative DPO (sigmoid only): label noise ε."})
-    margin: float = field(default=L.DEFAULT_MARGIN, metadata={"help": "Per-row margin for margin-aware losses when a row has no `margin`."})
-    nll_coef: float = field(default=0.0, metadata={"help": "Weight of the per-token NLL of chosen trajectories, mean over pairs (RPO)."})
-    length_penalty: float = field(default=0.0, metadata={"help": "α: policy log-probs pay α per trainable token, Δ − α(|w| − |l|)."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.loss_type not in L.PREFERENCE_LOSSES:
-            raise ConfigError(f"loss_type must be one of {sorted(L.PREFERENCE_LOSSES)}, got {self.loss_type!r}")
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be positive, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing must be in [0, 0.5), got {self.label_smoothing}")
-        if self.label_smoothing and self.loss_type != "sigmoid":
-            raise ConfigError("label_smoothing only applies to loss_type: sigmoid")
+class DPOConfig(ReferenceConfig, DPOOptions):
+    """`mtpo dpo` options (fields and checks: `mtpo.options.DPOOptions`) + `TrainingArguments`."""
 
 
 class PairRefLayout:

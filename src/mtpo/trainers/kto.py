@@ -17,43 +17,29 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from mtpo import losses as L
 from mtpo.collate import LabeledCollator, split_pair
-from mtpo.config import ConfigError, ReferenceConfig
+from mtpo.config import ConfigError
+from mtpo.options import KTO_DATA_FORMATS, KTOOptions
 from mtpo.prepare import LabeledExample, add_mismatched, prepare_labeled
 from mtpo.render import ChatRenderer
+from mtpo.trainers.args import ReferenceConfig
 from mtpo.trainers.base import MTPOTrainer
 from mtpo.trainers.dpo import PairRefLayout
 from mtpo.trainers.setup import run_cli, run_training
 
 logger = logging.getLogger("mtpo")
-DATA_FORMATS = ("auto", "unpaired", "pairs")
+DATA_FORMATS = KTO_DATA_FORMATS
 RECOMMENDED_RATIO = (1.0, 4 / 3)  # KTO paper: w_d·n_d / (w_u·n_u) in [1, 4/3]
 
 
 @dataclass
-class KTOConfig(ReferenceConfig):
-    """`mtpo kto` options. Names follow TRL's KTOConfig where the meaning is the same."""
-
-    beta: float = field(default=0.1, metadata={"help": "Strength of the KL regularisation (β)."})
-    desirable_weight: float = field(default=1.0, metadata={"help": "w_d: weight of desirable (label true) rows."})
-    undesirable_weight: float = field(default=1.0, metadata={"help": "w_u: weight of undesirable (label false) rows."})
-    data_format: str = field(default="auto", metadata={"help": "unpaired ({prompt, completion, label} or {messages, "
-                             "label}), pairs ({chosen, rejected}: each pair → 1 desirable + 1 undesirable) or auto."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be positive, got {self.beta}")
-        for key in ("desirable_weight", "undesirable_weight"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        if self.data_format not in DATA_FORMATS:
-            raise ConfigError(f"data_format must be one of {list(DATA_FORMATS)}, got {self.data_format!r}")
+class KTOConfig(ReferenceConfig, KTOOptions):
+    """`mtpo kto` options (fields and checks: `mtpo.options.KTOOptions`) + `TrainingArguments`."""
 
 
 class KTORefLayout(PairRefLayout):

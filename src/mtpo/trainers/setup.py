@@ -6,24 +6,23 @@ typo or a broken row fails in seconds, not after a multi-GB download.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import sys
 import time
 from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from transformers.trainer_utils import get_last_checkpoint
 
 from mtpo.collate import ListDataset
-from mtpo.config import ConfigError, MTPOConfig, load_config, save_config
-from mtpo.data import RecordError, load_rows
+from mtpo.config import ConfigError, save_config
+from mtpo.data import load_rows
 from mtpo.prepare import SkipReport
 from mtpo.render import ChatRenderer
-from mtpo.trainers.base import disable_dropout
+from mtpo.runs import Interrupted, check_output_dir, resolve_resume
+from mtpo.trainers.args import MTPOConfig
+from mtpo.trainers.base import StopOnSignal, disable_dropout
 from mtpo.trainers.parallel import uses_deepspeed_or_fsdp
 
 logger = logging.getLogger("mtpo")
@@ -94,7 +93,8 @@ def load_models(config: MTPOConfig, reference: bool = True):
 
 
 def load_examples(config: MTPOConfig, renderer: ChatRenderer, prepare: Callable, split: str):
-    """Load + render one split; refuse an empty result with the reasons rows were dropped."""
+    """Load + render one split; warn on any skipped row, refuse when more than
+    `max_skipped_fraction` of the rows (or all of them) were skipped, with the reasons."""
     source = config.train_data if split == "train" else config.eval_data
     if not source:
         return None, SkipReport()
@@ -103,22 +103,25 @@ def load_examples(config: MTPOConfig, renderer: ChatRenderer, prepare: Callable,
         raise ConfigError(f"{split} data {source} is empty")
     examples, report = prepare(rows, renderer, max_length=config.max_length, truncation=config.truncation,
                                invalid_rows=config.invalid_rows)
-    logger.info("%s data %s: %s", split, source, report.summary())
-    if not examples:
-        raise ConfigError(f"{split} data {source}: every row was dropped ({report.summary()})")
+    check_skipped(report, config, split, source, bool(examples))
     return examples, report
 
 
-def resolve_resume(config: MTPOConfig) -> str | None:
-    """`resume_from_checkpoint: auto` = the newest checkpoint in output_dir (or none)."""
-    value = config.resume_from_checkpoint
-    if value in (None, "", "false"):
-        return None
-    if value == "auto":
-        return get_last_checkpoint(config.output_dir) if os.path.isdir(config.output_dir) else None
-    if not os.path.isdir(value):
-        raise ConfigError(f"resume_from_checkpoint: not a folder: {value}")
-    return value
+def check_skipped(report: SkipReport, config: MTPOConfig, split: str, source: str, any_kept: bool) -> None:
+    """Loud about data loss: a warning whenever rows were skipped, an error above the threshold.
+    Rows a filter removed on purpose (SFT's filter_label / min_score) do not count as lost."""
+    if not any_kept:
+        raise ConfigError(f"{split} data {source}: every row was dropped ({report.summary()})")
+    if not report.skipped:
+        logger.info("%s data %s: %s", split, source, report.summary())
+        return
+    lost = sum(n for reason, n in report.reasons.items() if not reason.startswith("filtered out"))
+    logger.warning("%s data %s: SKIPPED %d of %d rows — %s", split, source, report.skipped, report.total,
+                   report.summary())
+    if lost > config.max_skipped_fraction * report.total:
+        raise ConfigError(f"{split} data {source}: {lost} of {report.total} rows skipped, more than "
+                          f"max_skipped_fraction={config.max_skipped_fraction} ({report.summary()}); fix the data "
+                          "or the limits (max_length, truncation), or raise max_skipped_fraction")
 
 
 def run_training(config: MTPOConfig, *, prepare: Callable, trainer_cls: type, collator: Callable,
@@ -131,6 +134,7 @@ def run_training(config: MTPOConfig, *, prepare: Callable, trainer_cls: type, co
     """
     started = time.time()
     config.check_paths()
+    check_output_dir(config)  # every process, before any of them writes to output_dir
     tokenizer = load_tokenizer(config)
     renderer = ChatRenderer(tokenizer, config.render_options())
     train_examples, train_report = load_examples(config, renderer, prepare, "train")
@@ -146,19 +150,33 @@ def run_training(config: MTPOConfig, *, prepare: Callable, trainer_cls: type, co
     del model, ref_model  # the trainer holds them; no other name may keep a freed reference alive
     if ref_layout is not None and getattr(config, "precompute_ref_log_probs", False):
         trainer.precompute_references(ref_layout)
-    trainer.train(resume_from_checkpoint=resolve_resume(config))
+    checkpoint = resolve_resume(config, main_process=trainer.is_world_process_zero())
+    stop = StopOnSignal()
+    trainer.add_callback(stop)
+    with stop.catching():
+        trainer.train(resume_from_checkpoint=checkpoint)
+    if stop.signum is not None and stop.checkpoint is not None:
+        raise Interrupted(stop.signum, trainer.state.global_step, stop.checkpoint)
+    if stop.signum is not None:  # after the last step: training is complete, save it as usual
+        logger.warning("signal %d after the last step: saving the finished run", stop.signum)
     return finish(trainer, config, {"train": train_report, "eval": eval_report}, started)
 
 
 def finish(trainer, config: MTPOConfig, reports: dict[str, SkipReport], started: float) -> dict:
-    """Save weights + tokenizer (Trainer), the resolved config and the data report; print a summary."""
+    """Save weights + tokenizer (Trainer) (+ the merged model with `save_merged`), the resolved
+    config and the data report; print a summary (last train and eval metrics)."""
     trainer.save_model(config.output_dir)
+    if config.save_merged:
+        save_merged(trainer, config, os.path.join(config.output_dir, "merged"))
     summary = {"output_dir": config.output_dir, "steps": trainer.state.global_step,
                "seconds": round(time.time() - started, 1),
                "data": {k: r.to_dict() for k, r in reports.items()}}
     history = [h for h in trainer.state.log_history if "loss" in h]
     if history:
         summary["first_log"], summary["last_log"] = history[0], history[-1]
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if evals:
+        summary["first_eval"], summary["last_eval"] = evals[0], evals[-1]
     if trainer.is_world_process_zero():
         save_config(config, os.path.join(config.output_dir, "mtpo_config.yaml"))
         with open(os.path.join(config.output_dir, "data_report.json"), "w", encoding="utf-8") as f:
@@ -167,31 +185,43 @@ def finish(trainer, config: MTPOConfig, reports: dict[str, SkipReport], started:
     return summary
 
 
+def save_merged(trainer, config: MTPOConfig, folder: str) -> None:
+    """The saved LoRA adapter merged into a fresh copy of the base weights (loaded on the CPU, so no
+    second model on the GPU, and the same under DeepSpeed/FSDP), saved with the tokenizer (and its
+    chat template) as a plain checkpoint: `AutoModelForCausalLM.from_pretrained(folder)`, no peft."""
+    if not trainer.is_world_process_zero():
+        return
+    from peft import PeftModel
+
+    base = load_causal_lm(config.model_name_or_path, config)
+    merged = PeftModel.from_pretrained(base, config.output_dir).merge_and_unload()
+    merged.save_pretrained(folder)
+    trainer.processing_class.save_pretrained(folder)
+    logger.info("merged model written to %s", folder)
+
+
+_NOT_SHOWN = ("step", "epoch", "grad_norm", "learning_rate")
+
+
 def format_summary(summary: dict) -> str:
     lines = [f"done: {summary['steps']} steps in {summary['seconds']}s → {summary['output_dir']}"]
     for split, rep in summary["data"].items():
         lines.append(f"  {split} rows: {rep['kept']}/{rep['total']} kept, {rep['skipped']} skipped {rep['reasons'] or ''}")
-    first, last = summary.get("first_log"), summary.get("last_log")
-    if first and last:
-        skip = ("step", "epoch", "grad_norm", "learning_rate")
-        keys = [k for k in last if k in first and k not in skip and not k.startswith("data/")]
+    for first, last in ((summary.get("first_log"), summary.get("last_log")),
+                        (summary.get("first_eval"), summary.get("last_eval"))):
+        if not (first and last):
+            continue
+        keys = [k for k in last if k in first and k not in _NOT_SHOWN and not k.startswith("data/")
+                and not k.endswith(("_runtime", "_per_second"))]
         for k in keys:
-            if isinstance(last[k], (int, float)):
-                lines.append(f"  {k:<24} {first[k]:>10.4f} → {last[k]:.4f}")
+            if isinstance(last[k], (int, float)):  # "first → last"; one evaluation: its value
+                lines.append(f"  {k:<24} {first[k]:>10.4f} → {last[k]:.4f}" if first is not last
+                             else f"  {k:<24} {last[k]:>10.4f}")
     return "\n".join(lines)
 
 
 def run_cli(name: str, config_cls: type, train: Callable, argv: list[str]) -> int:
-    """`mtpo <name> config.yaml [--key=value ...]`: errors in config or data exit 2 with one clear line."""
-    parser = argparse.ArgumentParser(prog=f"mtpo {name}", description=(train.__doc__ or "").strip().split("\n")[0],
-                                     epilog="Any config field can be overridden as --key=value (YAML value).")
-    parser.add_argument("config", nargs="?", help="YAML config file")
-    args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        config = load_config(config_cls, args.config, overrides)
-        train(config)
-    except (ConfigError, RecordError, OSError) as e:  # OSError: missing files, unknown Hub names offline
-        print(f"mtpo {name}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    """`mtpo <name> config.yaml [--key=value ...]` (see `mtpo.trainers.command.run`)."""
+    from mtpo.trainers.command import run
+
+    return run(name, argv)

@@ -13,30 +13,23 @@ Also the rejection-sampling / RAFT baseline: keep only trajectories with `label:
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from mtpo import losses as L
 from mtpo.collate import ConversationCollator
-from mtpo.config import ConfigError, MTPOConfig
+from mtpo.options import SFTOptions
 from mtpo.data import Conversation, RecordError
 from mtpo.prepare import prepare_conversations
+from mtpo.trainers.args import MTPOConfig
 from mtpo.trainers.base import MTPOTrainer
 from mtpo.trainers.setup import run_cli, run_training
 
 
 @dataclass
-class SFTConfig(MTPOConfig):
-    """`mtpo sft` options."""
-
-    filter_label: bool = field(default=False, metadata={"help": "RAFT: train only on rows with label: true."})
-    min_score: float | None = field(default=None, metadata={"help": "Keep rows with score ≥ this."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.min_score is not None and self.min_score != self.min_score:
-            raise ConfigError("min_score is NaN")
+class SFTConfig(MTPOConfig, SFTOptions):
+    """`mtpo sft` options (fields and checks: `mtpo.options.SFTOptions`) + `TrainingArguments`."""
 
 
 class SFTTrainer(MTPOTrainer):
