@@ -109,7 +109,7 @@ class MTPOOptions:
         for key in ("train_data", "eval_data", "chat_template", "model_name_or_path", "tokenizer_name_or_path",
                     "ref_model_name_or_path"):
             value = getattr(self, key, None)
-            if value and _looks_local(value) and not os.path.exists(value):
+            if value and looks_local(value) and not os.path.exists(value):
                 raise ConfigError(f"{key}: path not found: {value}")
         strategy = getattr(getattr(self, "eval_strategy", "no"), "value", getattr(self, "eval_strategy", "no"))
         if strategy != "no" and not self.eval_data:
@@ -189,7 +189,7 @@ class SFTOptions(MTPOOptions):
 TRAINER_OPTIONS = {"dpo": DPOOptions, "kto": KTOOptions, "sft": SFTOptions}
 
 
-def _looks_local(value: str) -> bool:
+def looks_local(value: str) -> bool:
     return value.startswith((".", "/", "~")) or value.endswith((".jsonl", ".json", ".parquet", ".jinja", ".yaml"))
 
 

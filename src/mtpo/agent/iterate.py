@@ -36,7 +36,8 @@ import yaml
 from mtpo.agent import pairs as P
 from mtpo.agent.stages import (MANAGED, TRAINERS, StageRunner, run_stage, run_stage_inprocess,  # noqa: F401
                                stage_class, stage_values, subprocess_runner, write_stage_yaml)  # (re-exported)
-from mtpo.config import ConfigError, _looks_local, build_config, load_config
+from mtpo.config import ConfigError, build_config, load_config
+from mtpo.options import looks_local
 from mtpo.data import RecordError
 
 logger = logging.getLogger("mtpo")
@@ -104,7 +105,7 @@ class IterateConfig:
             raise ConfigError(f"prompts: {len(self.prompts)} files for {self.iterations} iterations (give 1 or "
                               f"{self.iterations})")
         for path in self.prompts + ([self.eval_prompts] if self.eval_prompts else []):
-            if _looks_local(path) and not os.path.exists(path):  # else a Hub dataset name
+            if looks_local(path) and not os.path.exists(path):  # else a Hub dataset name
                 raise ConfigError(f"prompt file not found: {path}")
         self.check_blocks()
 
