@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
+import logging
 import sys
+import textwrap
+from typing import Callable
 
 # command → (module exposing `cli(argv) -> int`, or "module:function"; one-line help)
 COMMANDS = {
@@ -24,6 +29,48 @@ def usage() -> str:
     lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run `mtpo <command> --help` for the command's options."]
     return "\n".join(lines)
+
+
+def format_options(name: str, config_cls: type, what: str) -> str:
+    """`mtpo <name> --help`: every option of the command's config dataclass, with help and default."""
+    lines = [f"usage: mtpo {name} [CONFIG.yaml] [--key=value ...]", "", what, "", "options:"]
+    for f in dataclasses.fields(config_cls):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = "(required)" if default is dataclasses.MISSING else repr(default)
+        lines.append(f"  --{f.name}  (default: {default})")
+        lines += [f"      {line}" for line in textwrap.wrap(" ".join(f.metadata.get("help", "").split()), 88)]
+    return "\n".join(lines)
+
+
+def run_config_command(name: str, config_cls: type, run: Callable, argv: list[str],
+                       config_required: bool = False) -> int:
+    """`mtpo <name> [CONFIG.yaml] [--key=value ...]` for the config-driven agent commands: `--help`
+    lists every option; a config or data error exits 2 with one line naming it; Ctrl-C / SIGTERM in
+    a training stage exit 130 / 143 with one line (rerunning the command resumes)."""
+    from mtpo.config import ConfigError, load_config
+    from mtpo.data import DataError, RecordError
+    from mtpo.runs import Interrupted
+
+    what = (run.__doc__ or "").strip().split("\n")[0]
+    if any(a in ("-h", "--help") for a in argv):
+        print(format_options(name, config_cls, what))
+        return 0
+    parser = argparse.ArgumentParser(prog=f"mtpo {name}", add_help=False)
+    parser.add_argument("config", nargs=None if config_required else "?")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(load_config(config_cls, args.config, overrides))
+    except (ConfigError, DataError, RecordError, OSError) as e:  # OSError: missing files, unknown Hub names
+        print(f"mtpo {name}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:  # a training stage stopped by a signal after saving a checkpoint
+        print(f"mtpo {name}: stopped by {e}; rerun the same command to resume", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"mtpo {name}: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 130
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

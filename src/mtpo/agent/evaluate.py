@@ -151,10 +151,10 @@ def markdown(results: dict) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    from mtpo.trainers.setup import run_cli
+    from mtpo.cli import run_config_command
 
     def evaluate(config: EvalConfig) -> None:
         """Greedy pass@1 and maj@k with the Python tool; the Markdown table is printed."""
         print(markdown(run_eval(config)), end="")
 
-    return run_cli("eval", EvalConfig, evaluate, argv)
+    return run_config_command("eval", EvalConfig, evaluate, argv)

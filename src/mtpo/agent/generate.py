@@ -328,10 +328,10 @@ def format_summary(summary: dict) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    from mtpo.trainers.setup import run_cli
+    from mtpo.cli import run_config_command
 
     def generate(config: GenerateConfig) -> None:
         """Sample tool-using trajectories (JSONL records); the summary is printed as JSON on stdout."""
         print(json.dumps(run_generate(config), indent=1))
 
-    return run_cli("generate", GenerateConfig, generate, argv)
+    return run_config_command("generate", GenerateConfig, generate, argv)

@@ -23,12 +23,10 @@ in-process (no interpreter start-up per stage), freeing the model between stages
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import shutil
-import sys
 from dataclasses import dataclass, field
 
 import yaml
@@ -36,9 +34,8 @@ import yaml
 from mtpo.agent import pairs as P
 from mtpo.agent.stages import (MANAGED, TRAINERS, StageRunner, run_stage, run_stage_inprocess,  # noqa: F401
                                stage_class, stage_values, subprocess_runner, write_stage_yaml)  # (re-exported)
-from mtpo.config import ConfigError, build_config, load_config
+from mtpo.config import ConfigError, build_config
 from mtpo.options import looks_local
-from mtpo.data import RecordError
 
 logger = logging.getLogger("mtpo")
 
@@ -312,14 +309,10 @@ def format_table(lines: list[dict]) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mtpo iterate", description=__doc__.strip().split("\n")[0],
-                                     epilog="Any option as --key=value; nested: --train='{beta: 0.2}'.")
-    parser.add_argument("config", help="YAML config file")
-    args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        run_iterate(load_config(IterateConfig, args.config, overrides))
-    except (ConfigError, RecordError, OSError) as e:
-        print(f"mtpo iterate: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    from mtpo.cli import run_config_command
+
+    def iterate(config: IterateConfig) -> None:
+        """The paper's online loop: sample with the tool → grade → pairs → train → repeat (resumable)."""
+        run_iterate(config)
+
+    return run_config_command("iterate", IterateConfig, iterate, argv, config_required=True)

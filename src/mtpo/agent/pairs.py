@@ -23,18 +23,16 @@ Rows carry `prompt_id` (and the sample indices) for traceability; the trainers i
 
 from __future__ import annotations
 
-import argparse
 import glob
 import hashlib
 import json
 import logging
 import os
 import random
-import sys
 from collections import Counter
 from dataclasses import dataclass, field
 
-from mtpo.config import ConfigError, load_config
+from mtpo.config import ConfigError
 from mtpo.data import RecordError, load_rows
 
 logger = logging.getLogger("mtpo")
@@ -277,16 +275,12 @@ def format_report(report: dict) -> str:
 
 
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mtpo pairs", description=__doc__.strip().split("\n")[0],
-                                     epilog="Any option as --key=value, e.g. --rollouts=a.jsonl,b.jsonl --output_dir=out")
-    parser.add_argument("config", nargs="?", help="YAML config file (optional)")
-    args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        report = run_pairs(load_config(PairsConfig, args.config, overrides))
-    except (ConfigError, RecordError, OSError, ValueError) as e:
-        print(f"mtpo pairs: error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(report))
-    print(f"  → {report['files']['dpo']}, {report['files']['kto']}, {report['files']['sft']}")
-    return 0
+    from mtpo.cli import run_config_command
+
+    def pairs(config: PairsConfig) -> None:
+        """Graded rollouts → DPO pairs, KTO rows and SFT/RAFT rows (the trainers' own formats)."""
+        report = run_pairs(config)
+        print(format_report(report))
+        print(f"  → {report['files']['dpo']}, {report['files']['kto']}, {report['files']['sft']}")
+
+    return run_config_command("pairs", PairsConfig, pairs, argv)
