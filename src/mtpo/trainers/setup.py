@@ -22,7 +22,8 @@ from mtpo.collate import ListDataset
 from mtpo.config import ConfigError, MTPOConfig, load_config, save_config
 from mtpo.data import RecordError, load_rows
 from mtpo.prepare import SkipReport
-from mtpo.render import ChatRenderer
+from mtpo.render import ChatRenderer, make_renderer
+from mtpo.render_mistral import mistral_format
 from mtpo.trainers.base import disable_dropout
 from mtpo.trainers.parallel import uses_deepspeed_or_fsdp
 
@@ -32,7 +33,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_tokenizer(config: MTPOConfig):
     name = config.tokenizer_name_or_path or config.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code,
+                                              mistral_format=mistral_format(config.mistral_format, config.chat_template))
     options = config.render_options()
     if options.chat_template:  # saved with the outputs, so the trained model carries its template
         tokenizer.chat_template = options.chat_template
@@ -132,7 +134,7 @@ def run_training(config: MTPOConfig, *, prepare: Callable, trainer_cls: type, co
     started = time.time()
     config.check_paths()
     tokenizer = load_tokenizer(config)
-    renderer = ChatRenderer(tokenizer, config.render_options())
+    renderer = make_renderer(tokenizer, config.render_options())
     train_examples, train_report = load_examples(config, renderer, prepare, "train")
     eval_examples, eval_report = load_examples(config, renderer, prepare, "eval")
     if check_data is not None:
