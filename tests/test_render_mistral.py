@@ -24,7 +24,7 @@ import pytest
 
 from mtpo.data import RecordError, parse_conversation, parse_pair
 from mtpo.inspect import token_pieces
-from mtpo.render import RenderOptions, make_renderer
+from mtpo.render import RenderOptions, _special_token_pattern, make_renderer
 from mtpo.render_mistral import MistralRenderer
 
 from conftest import mistral_data_file
@@ -109,7 +109,8 @@ def instruct_ids(ref, msgs, tools) -> list[int]:
     from mistral_common.protocol.instruct.request import ChatCompletionRequest
 
     request = ChatCompletionRequest.from_openai(msgs, tools=tools)
-    return ref.instruct_tokenizer.encode_instruct(ref._instruct_request_normalizer.from_chat_completion_request(request)).tokens
+    instruct = ref._instruct_request_normalizer.from_chat_completion_request(request)
+    return ref.instruct_tokenizer.encode_instruct(instruct).tokens
 
 
 def prefix_diff_mask(ref, msgs, tools) -> np.ndarray:
@@ -189,6 +190,8 @@ def test_generation_context_is_the_serving_encoding(mc):
     assert full.input_ids[:len(ids)].tolist() == ids  # what rollouts generate after is what training masks
     assert not full.trainable[len(ids) - 1] and full.trainable[len(ids):].all()  # [/INST] external, answer trained
     assert full.text.startswith(text)
+    # rollouts' control-token check works on this tokenizer too (v1 writes [INST] as text)
+    assert name == "v1" or _special_token_pattern(tok).search("a [INST] b")
 
 
 def test_pair_shares_prompt_tokens(mc):
@@ -377,3 +380,7 @@ def test_inspect_on_the_tekken_model(tekken_model, tmp_path, capsys):
     assert "⟦Bob is \\boxed{8} (ça va).</s>⟧" in text
     page = html_path.read_text()
     assert 'class="tok tr' in page and "[/INST]" in page and "[TOOL_CALLS]" in page
+
+    # the switch reaches transformers: the HF tokenizer (converted from tekken.json) has no template
+    assert mi.cli([str(data), "--tokenizer", str(tekken_model), "--mistral-format", "false"]) == 2
+    assert "has no chat template" in capsys.readouterr().err

@@ -372,6 +372,7 @@ def _special_token_pattern(tokenizer) -> "re.Pattern | None":
     """Regex matching the text of any special (control) token of the tokenizer."""
     specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    decoder = decoder if isinstance(decoder, dict) else {}  # MistralCommonBackend: a method that raises
     specials |= {t.content for t in decoder.values() if getattr(t, "special", False)}
     specials = sorted((t for t in specials if t), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, specials))) if specials else None

@@ -33,8 +33,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_tokenizer(config: MTPOConfig):
     name = config.tokenizer_name_or_path or config.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code,
-                                              mistral_format=mistral_format(config.mistral_format, config.chat_template))
+    fmt = mistral_format(config.mistral_format, config.chat_template)  # None: transformers decides (tekken.json)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code, mistral_format=fmt)
     options = config.render_options()
     if options.chat_template:  # saved with the outputs, so the trained model carries its template
         tokenizer.chat_template = options.chat_template
