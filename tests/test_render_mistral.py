@@ -214,6 +214,19 @@ def test_history_moving_versions_give_a_clear_error(mc):
         renderer.render(parse_conversation({"messages": research(2), "tools": TOOLS}, 6))
 
 
+def test_render_turns_scores_every_turn_on_every_version(mc):
+    """Per-turn sequences (the plug-in for per-turn scoring): exact for history-moving versions too."""
+    name, tok, renderer, ref = mc
+    msgs = research(2, system=True)
+    turns = renderer.render_turns(parse_conversation({"messages": msgs}, 0))
+    ends = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+    assert len(turns) == len(ends)
+    for r, k in zip(turns, ends):
+        before, upto = instruct_ids(ref, msgs[:k], None), instruct_ids(ref, msgs[:k + 1], None)
+        assert r.input_ids.tolist() == upto
+        assert np.flatnonzero(r.trainable).tolist() == list(range(len(before), len(upto)))
+
+
 def test_consecutive_assistant_messages_are_merged_by_mistral_common(mc):
     name, tok, renderer, ref = mc
     msgs = research(1)[:2] + [{"role": "assistant", "content": "Bob is \\boxed{9}."}]

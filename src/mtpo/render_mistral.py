@@ -27,6 +27,7 @@ Versions v2/v3 (SentencePiece v2, v3 and the tekken files mistral-common ships) 
 (and v2–v11 the `[AVAILABLE_TOOLS]` list) into the LAST user message, and v2 drops tool calls before
 it: with a later user turn those conversations are not prefix-stable. Such rows get a RecordError
 naming the row, the message and the reason (step 2 finds it; the cause is diagnosed by re-encoding).
+`render_turns` gives the per-turn alternative: one sequence per assistant turn, exact for every version.
 
 Special-token text in content (`[INST]`, `</s>`) is harmless here: mistral-common never parses
 control tokens out of text, so no content check is needed.
@@ -177,6 +178,23 @@ class MistralRenderer(ChatRenderer):
             raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
         return out
 
+    def render_turns(self, conv: Conversation) -> list[Rendered]:
+        """One sequence per trained assistant message k: messages[:k+1], only message k trained.
+
+        The building block for per-turn scoring of the versions that are not prefix-stable (v2/v3 move
+        the system prompt and the tool list into the last user message): every such sequence ends with
+        its own assistant turn, so its last user message is the same with and without that turn and
+        the prefix difference is exact for every version."""
+        out = []
+        for k, m in enumerate(conv.messages):
+            if self._trained(m, conv, k):
+                own = [Message(x.role, x.content, x.train if j == k else False, x.extra)
+                       for j, x in enumerate(conv.messages[:k + 1])]
+                out.append(self.render(Conversation(own, conv.tools, conv.index, conv.label, conv.score)))
+        if not out:
+            raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
+        return out
+
     # ---------------------------------------------------------------- steps
     def _trained(self, m: Message, conv: Conversation, k: int) -> bool:
         if m.train and m.role != "assistant":
@@ -203,8 +221,8 @@ class MistralRenderer(ChatRenderer):
         if msgs[k - 1]["role"] == msgs[k]["role"]:
             return (f"mistral-common merges consecutive {msgs[k]['role']} messages into one (joined by a blank line); "
                     "merge them in the data")
-        hint = ("; per-turn scoring is not available for this tokenizer yet — put the system prompt into the first "
-                "user message, pass tool outputs as `tool` messages, or use a v7+ tokenizer")
+        hint = ("; per-turn scoring (`render_turns`) is not wired into the trainers yet — put the system prompt into "
+                "the first user message, pass tool outputs as `tool` messages, or use a v7+ tokenizer")
 
         def stable(ms, tools, cut) -> bool:
             try:
