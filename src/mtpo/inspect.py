@@ -26,7 +26,8 @@ from collections import Counter
 from dataclasses import dataclass
 
 from mtpo.data import KNOWN_ROLES, RecordError, load_rows, parse_conversation, parse_labeled, parse_pair
-from mtpo.render import END_OF_TURN_MODES, ChatRenderer, Rendered, RenderOptions
+from mtpo.render import END_OF_TURN_MODES, ChatRenderer, Rendered, RenderOptions, make_renderer
+from mtpo.render_mistral import is_mistral_common, mistral_format
 
 KINDS = ("pair", "labeled", "conversation")
 STYLES = ("ansi", "plain", "html")
@@ -250,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "or a Hub dataset name")
     p.add_argument("--tokenizer", required=True, metavar="PATH_OR_NAME", help="tokenizer folder or Hub name")
     p.add_argument("--chat-template", metavar="FILE", help="jinja file overriding the tokenizer's chat template")
+    p.add_argument("--mistral-format", choices=("auto", "true", "false"), default="auto",
+                   help="Mistral model dirs with tekken.json: mistral-common's encoder (true) or the HF tokenizer + "
+                   "Jinja template (false); auto: mistral-common unless --chat-template is given")
     p.add_argument("--rows", type=_rows_arg, default=5, metavar="N", help="rows to show (default 5; 'all')")
     p.add_argument("--start", type=_count_arg, default=0, metavar="K", help="first row to show (default 0)")
     p.add_argument("--split", default="train", help="split of a dataset folder or Hub dataset (default train)")
@@ -307,12 +311,14 @@ def _setup(args, parser) -> tuple[ChatRenderer, list[dict], str]:
     from transformers import AutoTokenizer  # heavy import: only once the arguments are known good
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.tokenizer))
-        if not (template or getattr(tokenizer, "chat_template", None)):
+        fmt = {"auto": None, "true": True, "false": False}[args.mistral_format]
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(args.tokenizer),
+                                                  mistral_format=mistral_format(fmt, template))
+        if not (template or getattr(tokenizer, "chat_template", None) or is_mistral_common(tokenizer)):
             raise ValueError("has no chat template; give one with --chat-template FILE")
         options = RenderOptions(trainable_roles=args.trainable_roles, end_of_turn=args.end_of_turn,
                                 chat_template=template)
-        renderer = ChatRenderer(tokenizer, options)
+        renderer = make_renderer(tokenizer, options)
     except Exception as e:
         raise ValueError(f"tokenizer {args.tokenizer}: {e}") from None
     rows = load_rows(args.data, split=args.split)

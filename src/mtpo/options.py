@@ -39,6 +39,9 @@ class MTPOOptions:
     model_name_or_path: str | None = field(default=None, metadata={"help": "Policy: Hub name or local folder."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer (default: the model's)."})
     chat_template: str | None = field(default=None, metadata={"help": "A .jinja file overriding the tokenizer's template."})
+    mistral_format: bool | None = field(default=None, metadata={"help": "Mistral model dirs with tekken.json: "
+        "true = mistral-common's encoder, false = the HF tokenizer + Jinja template, null = auto (mistral-common "
+        "when installed and tekken.json exists, unless chat_template is set)."})
     dtype: str = field(default="auto", metadata={"help": "Weights dtype: auto (checkpoint's), float32, bfloat16, float16."})
     attn_implementation: str | None = field(default=None, metadata={"help": "e.g. sdpa, eager, flash_attention_2."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow model code from the Hub."})
@@ -88,6 +91,8 @@ class MTPOOptions:
         bf16, fp16 = getattr(self, "bf16", False), getattr(self, "fp16", False)
         if (bf16 and self.dtype == "float16") or (fp16 and self.dtype == "bfloat16"):
             raise ConfigError(f"dtype={self.dtype} contradicts {'bf16' if bf16 else 'fp16'}=true")
+        if self.mistral_format and self.chat_template:
+            raise ConfigError("chat_template needs the HF tokenizer; it contradicts mistral_format: true")
         if self.save_merged and not self.use_peft:
             raise ConfigError("save_merged needs use_peft: true (without LoRA the output is already a plain model)")
 

@@ -372,6 +372,18 @@ def _special_token_pattern(tokenizer) -> "re.Pattern | None":
     """Regex matching the text of any special (control) token of the tokenizer."""
     specials = {str(t) for t in getattr(tokenizer, "all_special_tokens", [])}
     decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    decoder = decoder if isinstance(decoder, dict) else {}  # MistralCommonBackend: a method that raises
     specials |= {t.content for t in decoder.values() if getattr(t, "special", False)}
     specials = sorted((t for t in specials if t), key=len, reverse=True)
     return re.compile("|".join(map(re.escape, specials))) if specials else None
+
+
+def make_renderer(tokenizer, options: RenderOptions | None = None) -> ChatRenderer:
+    """The renderer for this tokenizer: mistral-common's own encoder (`mtpo.render_mistral`) for a
+    tokenizer transformers loaded as `MistralCommonBackend` (a Mistral model dir with tekken.json),
+    else the chat-template renderer."""
+    from mtpo.render_mistral import MistralRenderer, is_mistral_common
+
+    if is_mistral_common(tokenizer):
+        return MistralRenderer(tokenizer, options)
+    return ChatRenderer(tokenizer, options)

@@ -24,7 +24,7 @@ from mtpo.agent.backends import HFBackend, VLLMBackend
 from mtpo.agent.prompts import ANSWER_FORMATS, Prompt, load_prompts
 from mtpo.agent.rollout import CONSISTENCY_MODES, TOOL_FORMATS, Rollout, RolloutConfig
 from mtpo.config import ConfigError
-from mtpo.render import ChatRenderer, RenderOptions
+from mtpo.render import ChatRenderer, RenderOptions, make_renderer
 
 logger = logging.getLogger("mtpo")
 BACKENDS = ("hf", "vllm")
@@ -145,7 +145,7 @@ def build_renderer(settings: RolloutSettings, tokenizer) -> ChatRenderer:
     if settings.chat_template:
         with open(settings.chat_template, encoding="utf-8") as f:
             template = f.read()
-    return ChatRenderer(tokenizer, RenderOptions(chat_template=template))
+    return make_renderer(tokenizer, RenderOptions(chat_template=template))  # mistral-common for tekken dirs
 
 
 def build_backend(settings: RolloutSettings, renderer: ChatRenderer, model=None):

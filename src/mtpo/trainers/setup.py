@@ -19,7 +19,8 @@ from mtpo.collate import ListDataset
 from mtpo.config import ConfigError, save_config
 from mtpo.data import load_rows
 from mtpo.prepare import SkipReport
-from mtpo.render import ChatRenderer
+from mtpo.render import ChatRenderer, make_renderer
+from mtpo.render_mistral import mistral_format
 from mtpo.runs import Interrupted, check_output_dir, resolve_resume
 from mtpo.trainers.args import MTPOConfig
 from mtpo.trainers.base import StopOnSignal, disable_dropout
@@ -31,7 +32,8 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 def load_tokenizer(config: MTPOConfig):
     name = config.tokenizer_name_or_path or config.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code)
+    fmt = mistral_format(config.mistral_format, config.chat_template)  # None: transformers decides (tekken.json)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.trust_remote_code, mistral_format=fmt)
     options = config.render_options()
     if options.chat_template:  # saved with the outputs, so the trained model carries its template
         tokenizer.chat_template = options.chat_template
@@ -136,7 +138,7 @@ def run_training(config: MTPOConfig, *, prepare: Callable, trainer_cls: type, co
     config.check_paths()
     check_output_dir(config)  # every process, before any of them writes to output_dir
     tokenizer = load_tokenizer(config)
-    renderer = ChatRenderer(tokenizer, config.render_options())
+    renderer = make_renderer(tokenizer, config.render_options())
     train_examples, train_report = load_examples(config, renderer, prepare, "train")
     eval_examples, eval_report = load_examples(config, renderer, prepare, "eval")
     if check_data is not None:
