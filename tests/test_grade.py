@@ -165,6 +165,7 @@ TABLE = [
     ("\\{3\\}", "3", True, "a one-element set is its element"),
     ("x=1 \\text{ or } x=2", "1, 2", True, "'or' separates solutions"),
     ("19 \\text{ and }43", "43, 19", True, "'and' separates solutions"),
+    ("x=2 or x=-3", "-3, 2", True, "a bare 'or' separates solutions too"),
     ("1\\pm \\sqrt{3}", "1+\\sqrt3,1-\\sqrt3", True, "\\pm is two solutions"),
     ("1-\\sqrt3,1+\\sqrt3", "1\\pm\\sqrt3", True, "\\pm, gold side, any order"),
     ("1+\\sqrt3", "1\\pm\\sqrt3", False, "one of the two solutions only"),

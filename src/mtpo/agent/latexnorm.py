@@ -65,6 +65,7 @@ def normalize(s: str) -> str:
     for pattern, repl in _SIMPLE_SUBS:
         s = pattern.sub(repl, s)
     s = re.sub(_TEXT_CMDS + r"\s*\{\s*(?:or|and)\s*\}", ",", s)  # "1 \text{ or } 2" is a list
+    s = re.sub(r"(?<=[\d}])\s+(?:or|and)\s+(?=[-\w\\(])", ", ", s)  # and so is "x=1 or x=2"
     # units after a value (`5\text{ cm}^2`, `9\text{ a.m.}`) go; other text is unwrapped
     s = _UNIT_GROUP.sub("", s)
     while True:
