@@ -49,7 +49,7 @@ class DemoConfig:
     samples_per_prompt: int = field(default=8, metadata={"help": "Trajectories sampled per prompt."})
     pairs_per_prompt: int = field(default=2, metadata={"help": "(correct, wrong) pairs per prompt, at most."})
     beta: float = field(default=0.1, metadata={"help": "β of DPO and KTO."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "DPO / KTO learning rate (cosine schedule)."})
+    learning_rate: float = field(default=5e-4, metadata={"help": "DPO / KTO learning rate (cosine schedule)."})
     epochs: float = field(default=2.0, metadata={"help": "Epochs over each iteration's pairs."})
     nll_coef: float = field(default=1.0, metadata={"help": "NLL of the chosen trajectory added to DPO (anchors it)."})
     batch_size: int = field(default=8, metadata={"help": "Pairs (KTO: rows) per optimizer step."})
@@ -134,6 +134,10 @@ def unmask_tool_outputs(rows: list[dict]) -> tuple[list[dict], int]:
 def run_control(config: DemoConfig, prompts: dict, name: str, algorithm: str, first: dict) -> dict:
     """Train + evaluate one control on M-DPO iteration 1's samples, with iterate's own stage functions."""
     ctl = iterate_config(config, prompts, algorithm, iterations=1, name=name)
+    kto = first["pairs_report"]["kto_rows"]
+    if algorithm == "kto" and kto["desirable"]:
+        # the KTO paper's class weighting: w_d·n_d = w_u·n_u (correct samples are the minority here)
+        ctl.train["desirable_weight"] = round(kto["undesirable"] / kto["desirable"], 4)
     workdir = os.path.join(ctl.output_dir, "iter_1")
     source = os.path.join(config.output_dir, "m_dpo", "iter_1")
     os.makedirs(workdir, exist_ok=True)
