@@ -160,7 +160,7 @@ def test_demo_pipeline_in_miniature(tmp_path):
     keys = sorted(weights[0])
     assert all(any(not (w[k] == weights[0][k]).all() for k in keys) for w in weights[1:])
     # the unmasked control trained tool-output tokens: its pair rows say so
-    rows = [json.loads(line) for line in open(out / "dpo_no_mask" / "iter_1" / "pairs.jsonl")]
+    rows = [json.loads(line) for line in open(out / "dpo_no_mask" / "iter_1" / "pairs.unmasked.jsonl")]
     assert any(m.get("train") is True and m["content"].startswith("```output") for r in rows for m in r["chosen"])
     assert "| M-DPO | 1 |" in (out / "results.md").read_text()
     for png in ("accuracy.png", "training.png"):

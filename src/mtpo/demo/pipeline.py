@@ -1,14 +1,14 @@
-"""The demo run: the same stages `mtpo iterate` runs, on the synthetic task, plus the paper's controls.
+"""The demo run: `mtpo iterate` on the synthetic task, once per method, plus the table and plots.
 
     OUT/prompts/{train,heldout}.jsonl   problems (train: iterations × train_prompts, split by iterate)
-    OUT/m_dpo/                          `mtpo iterate` run: iter_0/eval (SFT), iter_k/{rollouts, pairs,
-                                        model, eval} for k = 1..K (reference = the SFT model)
-    OUT/dpo_no_mask/iter_1/             DPO on iteration 1's pairs with tool outputs trained
-    OUT/m_kto/iter_1/                   M-KTO on iteration 1's samples (kto.jsonl)
+    OUT/m_dpo/         `mtpo iterate` run, M-DPO: iter_0/eval (the SFT model), iter_k/{rollouts, pairs,
+                       model, eval} for k = 1..K, reference = the SFT model
+    OUT/dpo_no_mask/   the same loop, DPO with tool outputs trained
+    OUT/m_kto/         the same loop, M-KTO (labelled trajectories, class-weighted)
     OUT/results.{json,md}  OUT/accuracy.png  OUT/training.png
 
-The controls train on exactly the samples M-DPO's first iteration trained on, from the same SFT
-model, with the same seed: only the loss (KTO) or the mask (tool outputs trained) differs.
+The three loops differ in the loss or the mask only: same SFT model, same prompts, same seeds, and
+iteration 1 trains on identical samples (the controls start from M-DPO's iteration-1 rollouts).
 "DPO without masking" marks every tool-output message `"train": true` in the pair rows (mtpo's
 per-message override): the tool outputs' content tokens then count in the trajectory log-probs, as a
 single-turn trainer that treats everything after the question as the completion would count them
@@ -25,6 +25,8 @@ import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+
+from tqdm.auto import tqdm
 
 from mtpo.agent import iterate as I
 from mtpo.agent import pairs as P
@@ -43,17 +45,17 @@ class DemoConfig:
     output_dir: str = field(default="outputs/demo", metadata={"help": "Run folder (reruns resume finished stages)."})
     seed: int = field(default=0, metadata={"help": "Training prompts, sampling and training order derive from it."})
     model: str = field(default=PACKAGED_MODEL, metadata={"help": "The SFT model (default: the packaged one)."})
-    iterations: int = field(default=2, metadata={"help": "M-DPO iterations K."})
-    train_prompts: int = field(default=128, metadata={"help": "Prompts sampled per iteration."})
+    iterations: int = field(default=3, metadata={"help": "M-DPO iterations K."})
+    train_prompts: int = field(default=48, metadata={"help": "Prompts sampled per iteration."})
     heldout_prompts: int = field(default=240, metadata={"help": "Held-out problems (greedy, one sample each)."})
     samples_per_prompt: int = field(default=8, metadata={"help": "Trajectories sampled per prompt."})
     pairs_per_prompt: int = field(default=2, metadata={"help": "(correct, wrong) pairs per prompt, at most."})
     beta: float = field(default=0.1, metadata={"help": "β of DPO and KTO."})
-    learning_rate: float = field(default=5e-4, metadata={"help": "DPO / KTO learning rate (cosine schedule)."})
-    epochs: float = field(default=2.0, metadata={"help": "Epochs over each iteration's pairs."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "DPO / KTO learning rate (cosine schedule)."})
+    epochs: float = field(default=1.0, metadata={"help": "Epochs over each iteration's pairs."})
     nll_coef: float = field(default=1.0, metadata={"help": "NLL of the chosen trajectory added to DPO (anchors it)."})
     batch_size: int = field(default=8, metadata={"help": "Pairs (KTO: rows) per optimizer step."})
-    compare: bool = field(default=True, metadata={"help": "Also run DPO without masking and M-KTO."})
+    compare: bool = field(default=True, metadata={"help": "Also run the DPO-without-masking and M-KTO loops."})
     generation_batch_size: int = field(default=128, metadata={"help": "Rows per generate call."})
     sandbox_workers: int = field(default=4, metadata={"help": "Python sessions running cells in parallel."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens per assistant turn."})
@@ -131,29 +133,41 @@ def unmask_tool_outputs(rows: list[dict]) -> tuple[list[dict], int]:
     return out, marked
 
 
-def run_control(config: DemoConfig, prompts: dict, name: str, algorithm: str, first: dict) -> dict:
-    """Train + evaluate one control on M-DPO iteration 1's samples, with iterate's own stage functions."""
-    ctl = iterate_config(config, prompts, algorithm, iterations=1, name=name)
-    kto = first["pairs_report"]["kto_rows"]
-    if algorithm == "kto" and kto["desirable"]:
-        # the KTO paper's class weighting: w_d·n_d = w_u·n_u (correct samples are the minority here)
-        ctl.train["desirable_weight"] = round(kto["undesirable"] / kto["desirable"], 4)
-    workdir = os.path.join(ctl.output_dir, "iter_1")
-    source = os.path.join(config.output_dir, "m_dpo", "iter_1")
-    os.makedirs(workdir, exist_ok=True)
-    data = P.OUTPUT_FILES[I.TRAINERS[algorithm][3]]
-    if name == "dpo_no_mask":
-        rows, marked = unmask_tool_outputs(load_rows(os.path.join(source, data)))
-        P.atomic_write_jsonl(os.path.join(workdir, data), rows)
-        logging.getLogger("mtpo").info("dpo_no_mask: %d tool-output messages marked train: true", marked)
-    else:
-        shutil.copy(os.path.join(source, data), os.path.join(workdir, data))
-    pairs_report = first["pairs_report"]
-    runner = I.run_stage_inprocess
-    train = I.run_stage(workdir, "train", lambda: I.train_stage(ctl, 1, workdir, ctl.model_name_or_path,
-                                                                ctl.model_name_or_path, pairs_report, runner))
-    evaluated = I.run_stage(workdir, "eval", lambda: I.eval_stage(ctl, 1, workdir, train["model"], runner))
-    return {"train": train, "eval": evaluated["eval"], "seconds": train["seconds"] + evaluated["seconds"]}
+def runner_for(method: str) -> I.StageRunner:
+    """iterate's in-process stage runner, with the method's one difference applied to the training data
+    just before training: tool outputs trained (dpo_no_mask), or KTO's class weights (m_kto)."""
+    def run(command: str, values: dict, yaml_path: str) -> None:
+        if command in ("dpo", "kto") and method != "m_dpo":
+            rows = load_rows(values["train_data"])
+            if method == "dpo_no_mask":
+                rows, marked = unmask_tool_outputs(rows)
+                path = values["train_data"].replace(".jsonl", ".unmasked.jsonl")
+                P.atomic_write_jsonl(path, rows)
+                logging.getLogger("mtpo").info("dpo_no_mask: %d tool-output messages marked train: true", marked)
+                values = {**values, "train_data": path}
+            else:  # the KTO paper's weighting w_d·n_d = w_u·n_u (here correct samples are the minority)
+                n_d = sum(bool(r["label"]) for r in rows)
+                values = {**values, "desirable_weight": round((len(rows) - n_d) / n_d, 4) if n_d else 1.0}
+            I.write_stage_yaml(os.path.dirname(yaml_path), "train", values)  # the YAML says what really ran
+        I.run_stage_inprocess(command, values, yaml_path)
+    return run
+
+
+def run_loop(config: DemoConfig, prompts: dict, method: str) -> list[dict]:
+    """One method's `mtpo iterate` run. The controls start from M-DPO's iteration-1 samples (the
+    same SFT model and seeds would sample exactly those again; copying them saves the time), so at
+    iteration 1 all methods train on identical data; the SFT model is evaluated once, by M-DPO."""
+    algorithm = "kto" if method == "m_kto" else "dpo"
+    loop = iterate_config(config, prompts, algorithm, name=method)
+    if method != "m_dpo":
+        loop.eval_start_model = False
+        source = os.path.join(config.output_dir, "m_dpo", "iter_1")
+        target = os.path.join(loop.output_dir, "iter_1")
+        os.makedirs(target, exist_ok=True)
+        for name in ("rollouts.jsonl", "prompts.jsonl"):
+            if os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(target, name)):
+                shutil.copy(os.path.join(source, name), os.path.join(target, name))
+    return I.run_iterate(loop, runner_for(method))
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -164,21 +178,16 @@ def run_demo(config: DemoConfig) -> dict:
     started = time.time()
     os.makedirs(config.output_dir, exist_ok=True)
     prompts = write_prompts(config)
-    lines = I.run_iterate(iterate_config(config, prompts))
-    first = {"pairs_report": _read_json(os.path.join(config.output_dir, "m_dpo", "iter_1", "pairs_report.json"))}
-    controls = {}
-    if config.compare:
-        for name, algorithm in (("dpo_no_mask", "dpo"), ("m_kto", "kto")):
-            controls[name] = run_control(config, prompts, name, algorithm, first)
-    results = report.collect(config, lines, controls)
-    results["seconds"] = {"total": round(time.time() - started, 1)}
+    methods = ["m_dpo"] + (["dpo_no_mask", "m_kto"] if config.compare else [])
+    lines, seconds = {}, {}
+    for method in tqdm(methods, desc="demo: methods", unit="method", dynamic_ncols=True):
+        t = time.time()
+        lines[method] = run_loop(config, prompts, method)
+        seconds[method] = round(time.time() - t, 1)
+    results = report.collect(config, lines)
+    results["seconds"] = {"total": round(time.time() - started, 1), **seconds}
     report.write_all(config.output_dir, results, asdict(config))
     return results
-
-
-def _read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def cli(argv: list[str]) -> int:

@@ -47,39 +47,29 @@ def by_kind(eval_dir: str) -> dict[str, float]:
     return {kind: round(g["pass@1"], 4) for kind, g in groups.items()}
 
 
-def collect(config, lines: list[dict], controls: dict) -> dict:
-    """Rows from `mtpo iterate`'s iteration lines and the controls' train/eval results."""
-    rows = _rows(config, lines, controls)
-    out = config.output_dir
-    dirs = {("sft", 0): os.path.join(out, "m_dpo", "iter_0", "eval")}
-    dirs.update({("m_dpo", r["iteration"]): os.path.join(out, "m_dpo", f"iter_{r['iteration']}", "eval")
-                 for r in rows if r["method"] == "m_dpo"})
-    dirs.update({(name, 1): os.path.join(out, name, "iter_1", "eval") for name in controls})
-    for r in rows:
-        r["heldout_by_kind"] = by_kind(dirs[(r["method"], r["iteration"])])
-    return {"rows": rows}
-
-
-def _rows(config, lines: list[dict], controls: dict) -> list[dict]:
-    start = next(line for line in lines if line["iteration"] == 0)
-    iters = [line for line in lines if line["iteration"] > 0]
-    rows = [{"method": "sft", "iteration": 0, "heldout_accuracy": _accuracy(start.get("eval")),
-             "sampling_accuracy": _round(iters[0]["sampling_accuracy"]), "pairs": None, "train_loss": None,
-             "reward_accuracy": None, "model": config.model}]
-    for line in iters:
-        rows.append({"method": "m_dpo", "iteration": line["iteration"], "heldout_accuracy": _accuracy(line.get("eval")),
-                     "sampling_accuracy": _round(line["sampling_accuracy"]), "pairs": line["pairs"],
-                     "train_loss": _round(line.get("train_loss")), "reward_accuracy": _round(line.get("reward_accuracy")),
-                     "model": line["model"]})
-    for name, ctl in controls.items():
-        train = ctl["train"]
-        rows.append({"method": name, "iteration": 1, "heldout_accuracy": _accuracy(ctl["eval"]),
-                     "sampling_accuracy": _round(iters[0]["sampling_accuracy"]), "pairs": train.get("train_rows"),
-                     "train_loss": _round(train.get("train_loss")), "reward_accuracy": _round(train.get("reward_accuracy")),
-                     "model": train["model"]})
+def collect(config, lines: dict[str, list[dict]]) -> dict:
+    """Rows from each method's `mtpo iterate` lines (method → iterations.jsonl lines)."""
+    rows = []
+    for method, its in lines.items():
+        for line in its:
+            k = line["iteration"]
+            eval_dir = os.path.join(config.output_dir, method, f"iter_{k}", "eval")
+            if k == 0:  # the starting (SFT) model; its samples are iteration 1's
+                first = next(x for x in its if x["iteration"] == 1)
+                row = {"method": "sft", "iteration": 0, "heldout_accuracy": _accuracy(line.get("eval")),
+                       "sampling_accuracy": _round(first["sampling_accuracy"]), "pairs": None, "train_loss": None,
+                       "reward_accuracy": None, "model": config.model}
+            else:
+                row = {"method": method, "iteration": k, "heldout_accuracy": _accuracy(line.get("eval")),
+                       "sampling_accuracy": _round(line["sampling_accuracy"]),
+                       "pairs": line["pairs"] if method != "m_kto" else line.get("train_rows"),
+                       "train_loss": _round(line.get("train_loss")),
+                       "reward_accuracy": _round(line.get("reward_accuracy")), "model": line["model"]}
+            row["heldout_by_kind"] = by_kind(eval_dir)
+            rows.append(row)
     order = {m: i for i, m in enumerate(("sft", "dpo_no_mask", "m_dpo", "m_kto"))}
     rows.sort(key=lambda r: (order[r["method"]], r["iteration"]))
-    return rows
+    return {"rows": rows}
 
 
 def format_table(rows: list[dict], markdown: bool = False) -> str:
