@@ -52,7 +52,7 @@ class MTPOConfig(TrainingArguments):
     end_of_turn: str = field(default="every", metadata={"help": "Train the end-of-turn token on every / last / none turn."})
     end_of_turn_text: list[str] = field(default_factory=list, metadata={"help": "End-of-turn strings (default: detected)."})
     # --- compute
-    logprob_chunk_size: int = field(default=1024, metadata={"help": "At most this many rows through the LM head at once (fewer at large vocabularies: rows × V ≤ 2^27)."})
+    logprob_chunk_size: int | None = field(default=None, metadata={"help": "Rows through the LM head at once. Unset: sized by device and vocabulary (rows × V ≤ 2^25 logits on CPU, 2^27 on GPU). A number: at most that many (rows × V ≤ 2^27)."})
     # --- LoRA (needs `pip install mtpo[peft]`)
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -72,7 +72,7 @@ class MTPOConfig(TrainingArguments):
         _one_of("end_of_turn", self.end_of_turn, END_OF_TURN_MODES)
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
-        if self.logprob_chunk_size < 1:
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise ConfigError(f"logprob_chunk_size must be positive, got {self.logprob_chunk_size}")
         if not self.trainable_roles:
             raise ConfigError("trainable_roles is empty: nothing would be trained")
