@@ -51,6 +51,7 @@ class MTPOConfig(TrainingArguments):
     trainable_roles: list[str] = field(default_factory=lambda: ["assistant"], metadata={"help": "Roles the policy generated."})
     end_of_turn: str = field(default="every", metadata={"help": "Train the end-of-turn token on every / last / none turn."})
     end_of_turn_text: list[str] = field(default_factory=list, metadata={"help": "End-of-turn strings (default: detected)."})
+    verify_masks: int = field(default=16, metadata={"help": "Check the masks of the first N training rows with an independent method (token-prefix differences) before training; a disagreement stops. 0: off."})
     # --- compute
     logprob_chunk_size: int | None = field(default=None, metadata={"help": "Rows through the LM head at once. Unset: sized by device and vocabulary (rows × V ≤ 2^25 logits on CPU, 2^27 on GPU). A number: at most that many (rows × V ≤ 2^27)."})
     # --- LoRA (needs `pip install mtpo[peft]`)
@@ -72,6 +73,8 @@ class MTPOConfig(TrainingArguments):
         _one_of("end_of_turn", self.end_of_turn, END_OF_TURN_MODES)
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
+        if self.verify_masks < 0:
+            raise ConfigError(f"verify_masks must be 0 (off) or a number of rows, got {self.verify_masks}")
         if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise ConfigError(f"logprob_chunk_size must be positive, got {self.logprob_chunk_size}")
         if not self.trainable_roles:
