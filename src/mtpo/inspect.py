@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtpo inspect", description="Render rows with the tokenizer's chat template and show which tokens "
         "are trained (enter the loss) and which are external.",
         epilog="Text output marks trained runs with colour on a terminal, else with ⟦ ⟧. Exit status: 0 ok, "
-        "1 some rows failed to render (all are reported), 2 bad arguments or unreadable data/tokenizer.")
+        "1 some rows failed to render (all are reported) or, with --verify, disagree; 2 bad arguments or unreadable data/tokenizer.")
     p.add_argument("data", metavar="DATA", help="JSONL / JSON / Parquet file, a datasets.save_to_disk folder, "
                    "or a Hub dataset name")
     p.add_argument("--tokenizer", required=True, metavar="PATH_OR_NAME", help="tokenizer folder or Hub name")
