@@ -124,10 +124,11 @@ def chunk_rows(chunk_size: int | None, vocab_size: int, device: torch.device | s
     LM-head matmul is not yet compute-bound. A (rows, H) × (H, V) matmul does about `rows` FLOPs per
     byte of the weight it reads. On a GPU that must exceed the FLOP/byte ridge (H100/H200 bf16:
     ~1000 TFLOP/s ÷ 3.4–4.8 TB/s ≈ 200–300) with room to spare, so the budget is 2^27 logits:
-    1024 rows at V = 128k, 512 at 256k, ≥ 4096 at 32k — today's chunks, unchanged where V ≥ 128k.
+    1046 rows at V = 128k, 524 at 256k, 4194 at 32k (the previous default's chunks where V ≥ 128k).
     A CPU's ridge is a few FLOP/byte, so far fewer rows lose little (measured: 256 vs 1024 rows at
-    V = 128k, +5–15% step time on a tiny model whose step is almost all LM head) while memory drops
-    a lot (0.6 GB less peak RSS): 2^25 logits, 256 rows at V = 128k, 1024 at 32k.
+    V = 128k, +6–16% step time on a tiny model whose step is almost all LM head) while memory drops
+    a lot (0.5–0.75 GB less peak RSS): 2^25 logits, 261 rows at V = 128k, 1048 at 32k.
+    docs/logprobs.md#chunk-size has the numbers.
     """
     if chunk_size is not None:
         return max(1, min(chunk_size, _MAX_CHUNK_ELEMENTS // vocab_size))
