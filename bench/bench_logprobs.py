@@ -165,7 +165,7 @@ def main(argv=None):
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--chunk-size", dest="chunk_size", type=int, default=1024)
+    p.add_argument("--chunk-size", dest="chunk_size", type=int, help="default: mtpo's (sized by device and vocabulary)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
@@ -185,7 +185,7 @@ def main(argv=None):
     }
     print(table(results))
     print(f"\n{meta['machine']}; seq {args.seq}, batch {args.batch}, hidden {args.hidden}, layers {args.layers}, "
-          f"chunk {args.chunk_size}; 1-min load average at end {meta['loadavg_1min_at_end']:.1f}")
+          f"chunk {args.chunk_size or 'default'}; 1-min load average at end {meta['loadavg_1min_at_end']:.1f}")
     if args.out:
         args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
 

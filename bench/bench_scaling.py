@@ -66,7 +66,9 @@ def main(argv=None):
             status = r.get("error") or f"step Δ {r['step_delta_mib']:.0f} MiB, {r['step_s']:.2f} s/step"
             print(f"[{lib} T={seq}] {status}", file=sys.stderr, flush=True)
 
-    chunk = args.chunk_size or 1024
+    from mtpo.logprobs import chunk_rows
+
+    chunk = chunk_rows(args.chunk_size, args.vocab, args.device)
     lines, fits = [], {}
     for lib in args.libs:
         ok = [r for r in results if r["lib"] == lib and "error" not in r]

@@ -349,7 +349,7 @@ def markdown(results: list[dict], meta: dict) -> str:
     settings = (f"device {meta['device']} ({meta['dtype']}), hidden {meta['hidden']}, {meta['layers']} layers, "
                 f"DPO batch {meta['batch']} pair(s), KTO batch {meta['kto_batch']} trajectories, β {meta['beta']}, "
                 f"median of {meta['repeats']} steps after {meta['warmup']} warm-up, "
-                f"mtpo logprob_chunk_size {meta['chunk_size'] or 'default (1024)'}")
+                f"mtpo logprob_chunk_size {meta['chunk_size'] or 'default (by device and vocabulary)'}")
     return "\n\n".join([f"_{settings}_"] + parts)
 
 

@@ -317,6 +317,23 @@ def test_logged_metrics_explain_the_logged_loss(tmp_path, tok):
         assert r["loss"] == pytest.approx(-F.logsigmoid(x).item() + coef * r["nll"], rel=1e-4), r
 
 
+def test_label_smoothing_reaches_the_trained_loss(tmp_path, tok):
+    """Conservative DPO through the trainer: each logged step's loss is (1 − ε)·ℓ(x) + ε·ℓ(−x) on its own
+    logged β·Δ, which plain DPO's ℓ(x) = −log σ(x) misses by about ε·|x| (asserted to be large)."""
+    eps = 0.3
+    trainer, _ = direct_trainer(tmp_path, tok, arith_rows(2), label_smoothing=eps, per_device_train_batch_size=1,
+                                max_steps=2, learning_rate=1e-2)
+    assert trainer.args.label_smoothing == eps
+    trainer.train()
+    records = train_logs(tmp_path / "out")
+    assert len(records) == 2
+    for r in records:
+        x = torch.tensor(r["rewards/margins"])
+        smoothed = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+        assert abs(smoothed - (-F.logsigmoid(x))) > 0.02  # the margin is large enough to tell them apart
+        assert r["loss"] == pytest.approx(smoothed.item(), rel=1e-4), r
+
+
 @pytest.mark.parametrize("loss_type", sorted(L.PREFERENCE_LOSSES))
 def test_every_loss_type_trains_one_step(tmp_path, tok, loss_type):
     trainer, _ = direct_trainer(tmp_path, tok, arith_rows(2, margins=[1.5, -0.5]), loss_type=loss_type,
@@ -489,6 +506,42 @@ def test_peft_reference_is_the_adapter_disabled_policy(files, tmp_path):
         assert torch.equal(value, start[key]), name
     assert len(base) == len(start)
     assert (tmp_path / "lora" / "adapter_model.safetensors").is_file()
+
+
+def _dropout_checkpoint(root: Path, tok) -> str:
+    """A tiny Phi-3 with both kinds of dropout transformers models use: `nn.Dropout` modules (residual
+    dropout) and a float the attention function reads (`attention_dropout`, as in Llama, Qwen, Gemma)."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    config = Phi3Config(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                        resid_pdrop=0.3, attention_dropout=0.3, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    Phi3ForCausalLM(config).save_pretrained(root)
+    tok.save_pretrained(root)
+    return str(root)
+
+
+def _deterministic_in_train_mode(model) -> bool:
+    """Two forward passes of `model` in training mode give identical logits (no dropout active)."""
+    ids = torch.arange(3, 40)[None]
+    was = model.training
+    model.train()
+    with torch.no_grad():
+        a, b = model(input_ids=ids).logits, model(input_ids=ids).logits
+    model.train(was)
+    return torch.equal(a, b)
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_disable_dropout_turns_it_off_in_policy_and_reference(files, tmp_path, tok, disable):
+    path = _dropout_checkpoint(tmp_path / "phi3", tok)
+    assert not _deterministic_in_train_mode(AutoModelForCausalLM.from_pretrained(path))  # dropout is live
+    _, trainer = run(run_config(files, tmp_path / "out", model_name_or_path=path, max_steps=1,
+                                disable_dropout=disable))
+    assert trainer.ref_model is not None
+    for model in (trainer.model, trainer.ref_model):
+        assert _deterministic_in_train_mode(model) == disable
 
 
 def test_separate_reference_model(files, tmp_path):

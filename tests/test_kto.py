@@ -170,15 +170,64 @@ def test_precomputed_reference_equals_reference_model(tmp_path):
     assert got.item() == pytest.approx(want.item(), abs=1e-5)
 
 
+def token_logps(model, ids) -> np.ndarray:
+    """log π(ids[t] | ids[:t]) for every t ≥ 1 (entry 0 is 0): one full-logits pass, no masks, no chunks."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([list(ids)])).logits[0, :-1].float()  # (T-1, V)
+    ids = torch.as_tensor(np.asarray(ids))
+    logp = logits.gather(-1, ids[1:, None])[:, 0] - logits.logsumexp(-1)  # (T-1,)
+    return np.concatenate([[0.0], logp.double().numpy()])
+
+
+def expected_from_examples(policy, ref, examples, beta, w_d=1.0, w_u=1.0, masks=(None,)):
+    """Brute-force KTO losses and z0 of a batch of rendered examples, one per mask rule in `masks`
+    (None: each trajectory's own mask; else `mask(rendered)`). Per-row log-probs are sums over the
+    masked positions of full-logits token log-probs; z0 comes from the mismatched KL pairs. `ref(fn)`
+    runs `fn` with the reference in place (a frozen copy, or the PEFT policy with its adapter off)."""
+    diffs = {}
+    for e in examples:
+        for r in (e.completion, e.kl):
+            diffs[id(r)] = token_logps(policy, r.input_ids) - ref(lambda m: token_logps(m, r.input_ids))
+    out = []
+    for mask in masks:
+        def reward(r):
+            return float(diffs[id(r)][1:][np.asarray(mask(r) if mask else r.trainable)[1:]].sum())
+
+        kl = [reward(e.kl) for e in examples]
+        z0 = max(0.0, sum(kl) / len(kl))
+        losses = [w_d * (1 - sigmoid(beta * (reward(e.completion) - z0))) if e.label
+                  else w_u * (1 - sigmoid(beta * (z0 - reward(e.completion)))) for e in examples]
+        out.append((sum(losses) / len(losses), z0))
+    return out
+
+
+def after_prompt(r):
+    """A plausible wrong mask: every token after the prompt (tool outputs and role headers included)."""
+    return np.arange(len(r)) >= r.prompt_tokens
+
+
 def test_peft_reference_is_the_adapter_free_policy(tmp_path):
+    """An adapter that is not the identity (lora_B random, as after some training): the reference is the
+    adapter-free base, and the loss equals brute force over the masks — not 0.5 whatever the masks."""
     from peft import LoraConfig, get_peft_model
 
-    policy = get_peft_model(tiny_lm(V), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    trainer = make_trainer(tmp_path, policy, None, desirable_weight=1.2)
-    loss, metrics = trainer.loss_and_metrics(policy, LabeledCollator(0)(hand_examples()))
-    # a fresh LoRA adapter is the identity: r = 0 and z0 = 0 on every row → loss = mean(w/2)
-    assert metrics["kl"].item() == 0.0
-    assert loss.item() == pytest.approx((1.2 * 0.5 * 2 + 0.5 * 2) / 4, abs=1e-6)
+    policy = get_peft_model(tiny_lm(V), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"],
+                                                   init_lora_weights=False))
+    beta, w_d = 2.0, 1.2
+    trainer = make_trainer(tmp_path, policy, None, beta=beta, desirable_weight=w_d)
+    examples = hand_examples()
+    loss, metrics = trainer.loss_and_metrics(policy, LabeledCollator(0)(examples))
+
+    def base(fn):
+        with policy.disable_adapter():
+            return fn(policy)
+
+    (want, z0), (wrong, _) = expected_from_examples(policy, base, examples, beta, w_d,
+                                                    masks=(None, lambda r: np.arange(len(r)) > 0))
+    assert loss.item() == pytest.approx(want, abs=1e-5)
+    assert metrics["kl"].item() == pytest.approx(z0, abs=1e-4)
+    assert abs(want - (1.2 * 0.5 * 2 + 0.5 * 2) / 4) > 1e-2  # the adapter matters ...
+    assert abs(wrong - want) > 1e-2  # ... and so do the masks
 
 
 # ------------------------------------------------------------------------- data: mismatched pairs
@@ -320,10 +369,20 @@ def test_kto_step_on_other_templates(tmp_path, family_tokenizer):
     batch = LabeledCollator(tok.pad_token_id or 0)(examples)
     assert 0 <= int(batch["input_ids"].min()) and int(batch["input_ids"].max()) < len(tok)
     policy = tiny_lm(len(tok), init=0.02)
-    trainer = make_trainer(tmp_path, policy, copy.deepcopy(policy), logprob_chunk_size=128)
+    ref = copy.deepcopy(policy)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a reference that differs from the policy, so that the masks matter
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    beta = 0.5
+    trainer = make_trainer(tmp_path, policy, ref, beta=beta, logprob_chunk_size=128)
     loss, metrics = trainer.loss_and_metrics(policy, batch)
-    # reference = policy: r = 0 on every row and z0 = 0, so each row costs w·(1 − σ(0)) = 0.5
-    assert loss.item() == pytest.approx(0.5, abs=1e-5) and metrics["kl"].item() == 0.0
+    (want, z0), (wrong, _) = expected_from_examples(policy, lambda fn: fn(ref), examples, beta,
+                                                    masks=(None, after_prompt))
+    assert loss.item() == pytest.approx(want, abs=1e-4)  # float32 logits over a 128k vocabulary
+    assert metrics["kl"].item() == pytest.approx(z0, abs=1e-3)
+    assert abs(want - 0.5) > 1e-2  # not the value of a reference equal to the policy
+    assert abs(wrong - want) > 2e-3  # a mask covering tool outputs and headers gives another loss (≥ 20× tol.)
     loss.backward()
     assert policy.lm_head.weight.grad.abs().sum() > 0
 

@@ -15,7 +15,8 @@ from transformers import (
     Qwen2Config,
 )
 
-from mtpo.logprobs import sequence_logps
+from mtpo import logprobs
+from mtpo.logprobs import chunk_rows, sequence_logps
 
 VOCAB = 96
 SIZES = dict(
@@ -195,6 +196,43 @@ def test_lm_head_never_sees_more_rows_than_a_chunk():
     for shape in seen:  # (B, 1, V) in the model forward, (B, V) for the check, (<=4, V) per chunk
         rows = shape[0] * shape[1] if len(shape) == 3 else shape[0]
         assert rows <= max(batch, 4), shape
+
+
+def test_default_chunk_rule_by_device_and_vocabulary():
+    # unset: rows × V ≤ 2^25 logits (128 MiB float32) on CPU, 2^27 (512 MiB) on an accelerator
+    assert chunk_rows(None, 128256, "cpu") == 261 and chunk_rows(None, 256000, "cpu") == 131
+    assert chunk_rows(None, 32000, "cpu") == 1048 and chunk_rows(None, 1000, torch.device("cpu")) == 33554
+    assert chunk_rows(None, 128256, "cuda") == 1046 and chunk_rows(None, 256000, "cuda:1") == 524
+    assert chunk_rows(None, 2**30, "cpu") == 1  # never zero rows
+    for device in ("cpu", "cuda"):  # the float32 chunk never exceeds the device's budget
+        budget = logprobs.AUTO_CHUNK_ELEMENTS["cpu" if device == "cpu" else "accelerator"]
+        for vocab in (1000, 32000, 128256, 151936, 256000):
+            assert chunk_rows(None, vocab, device) * vocab <= budget < (chunk_rows(None, vocab, device) + 1) * vocab
+    # explicit: as given, capped at 2^27 logits whatever the device
+    assert chunk_rows(128, 128256, "cpu") == 128 and chunk_rows(4096, 256000, "cuda") == 524
+
+
+def test_default_chunking_is_applied_and_exact(monkeypatch):
+    """With the CPU budget shrunk to 3 rows of this vocabulary, the default (no chunk_size) splits the
+    LM head into ≤ 3-row chunks and still gives brute force's values and the one-chunk gradients."""
+    model = make_model("llama")
+    rows = make_rows()
+    batch = collate(rows)
+    reference, _ = sequence_logps(model, *batch, chunk_size=10**6)
+    reference.sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    monkeypatch.setitem(logprobs.AUTO_CHUNK_ELEMENTS, "cpu", 3 * VOCAB + 1)
+    seen = []
+    hook = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(out.shape))
+    logps, _ = sequence_logps(model, *batch)
+    logps.sum().backward()
+    hook.remove()
+    chunks = [s[0] for s in seen if len(s) == 2]  # (rows, V) calls: the head was checked in the first call
+    assert max(chunks) == 3 and len(chunks) >= 6  # forward + backward's recomputation, ≥ 3 chunks each
+    torch.testing.assert_close(logps, torch.tensor(brute_force(model, rows)[0]), rtol=0, atol=1e-5)
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-5)
 
 
 def test_no_grad_reference_pass_matches():

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from mtpo.collate import ConversationCollator
+from mtpo.collate import ConversationCollator, ListDataset
 from mtpo.config import load_config
 from mtpo.prepare import prepare_conversations
 from mtpo.render import ChatRenderer
@@ -65,6 +65,66 @@ def test_loss_is_the_per_token_mean_over_trained_tokens(tmp_path, renderer):
                 count += 1
     assert loss.item() == pytest.approx(-total / count, rel=1e-5)
     assert metrics["tokens"].sum().item() == count
+
+
+def _rendered(ids, trainable_from):
+    from mtpo.render import Rendered
+
+    ids = np.asarray(ids, dtype=np.int64)
+    mask = np.arange(len(ids)) >= trainable_from
+    return Rendered(ids, mask, "", np.zeros((len(ids), 2), np.int64), [], 0)
+
+
+def _contrasting_rows(model, vocab):
+    """Two rows the per-token mean tells apart from any per-row average: a long row of the model's own
+    greedy tokens (per-token NLL ≈ 0) and a short row of its least likely tokens (per-token NLL ≫ 1)."""
+    easy, hard = [1, 2, 3], [4, 5, 6]
+    with torch.no_grad():
+        for _ in range(60):
+            easy.append(int(model(input_ids=torch.tensor([easy])).logits[0, -1].argmax()))
+        for _ in range(3):
+            hard.append(int(model(input_ids=torch.tensor([hard])).logits[0, -1].argmin()))
+    return [_rendered(easy, 3), _rendered(hard, 3)]
+
+
+def _per_row_nll(model, rows):
+    """(Σ −log π, count) of each row: full logits of the unpadded row, loop over its trained positions."""
+    out = []
+    for r in rows:
+        with torch.no_grad():
+            logp = model(input_ids=torch.from_numpy(r.input_ids)[None]).logits[0].double().log_softmax(-1)
+        nll = [-logp[t - 1, r.input_ids[t]].item() for t in range(1, len(r)) if r.trainable[t]]
+        out.append((sum(nll), len(nll)))
+    return out
+
+
+def test_per_token_mean_is_not_a_per_row_mean(tmp_path):
+    """60 trained tokens at NLL ≈ 0 and 3 at NLL ≫ 1: the per-token mean, the mean of per-row means and
+    the mean of per-row sums differ by large factors, so only the per-token mean passes (through the
+    trainer's loss, and through a training step with gradient accumulation 1×2)."""
+    vocab = 64
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16, initializer_range=1.0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    rows = _contrasting_rows(model, vocab)
+    (easy_sum, easy_n), (hard_sum, hard_n) = _per_row_nll(model, rows)
+    per_token = (easy_sum + hard_sum) / (easy_n + hard_n)
+    per_row = (easy_sum / easy_n + hard_sum / hard_n) / 2
+    per_row_sum = (easy_sum + hard_sum) / 2
+    assert (easy_n, hard_n) == (60, 3) and hard_sum / hard_n > 50 * easy_sum / easy_n
+    assert per_row > 3 * per_token and per_row_sum > 3 * per_token  # the test can tell them apart
+
+    loss, metrics = make_trainer(tmp_path, model).loss_and_metrics(model, ConversationCollator(0)(rows))
+    assert loss.item() == pytest.approx(per_token, rel=1e-4)
+    assert metrics["tokens"].tolist() == [60.0, 3.0]
+
+    trainer = SFTTrainer(model=model, args=SFTConfig(
+        output_dir=str(tmp_path / "ga"), report_to="none", use_cpu=True, max_steps=1, logging_steps=1,
+        per_device_train_batch_size=1, gradient_accumulation_steps=2, learning_rate=0.0, save_strategy="no",
+        disable_tqdm=True), train_dataset=ListDataset(rows), data_collator=ConversationCollator(0))
+    trainer.train()
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(per_token, rel=1e-4)
 
 
 def test_external_tokens_get_no_gradient(tmp_path, renderer):

@@ -30,6 +30,7 @@ from mtpo.render import END_OF_TURN_MODES, ChatRenderer, Rendered, RenderOptions
 from mtpo.render_mistral import is_mistral_common, mistral_format
 
 KINDS = ("pair", "labeled", "conversation")
+_DEFAULT_ROWS = -1  # --rows not given: 5 rows to show, every row to verify
 STYLES = ("ansi", "plain", "html")
 OPEN, CLOSE = "⟦", "⟧"  # plain-text markers around a run of trained tokens
 _ANSI_TRAINED, _ANSI_EXTERNAL, _ANSI_RESET = "\x1b[1;30;42m", "\x1b[2m", "\x1b[0m"
@@ -246,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mtpo inspect", description="Render rows with the tokenizer's chat template and show which tokens "
         "are trained (enter the loss) and which are external.",
         epilog="Text output marks trained runs with colour on a terminal, else with ⟦ ⟧. Exit status: 0 ok, "
-        "1 some rows failed to render (all are reported), 2 bad arguments or unreadable data/tokenizer.")
+        "1 some rows failed to render (all are reported) or, with --verify, disagree; 2 bad arguments or unreadable data/tokenizer.")
     p.add_argument("data", metavar="DATA", help="JSONL / JSON / Parquet file, a datasets.save_to_disk folder, "
                    "or a Hub dataset name")
     p.add_argument("--tokenizer", required=True, metavar="PATH_OR_NAME", help="tokenizer folder or Hub name")
@@ -254,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mistral-format", choices=("auto", "true", "false"), default="auto",
                    help="Mistral model dirs with tekken.json: mistral-common's encoder (true) or the HF tokenizer + "
                    "Jinja template (false); auto: mistral-common unless --chat-template is given")
-    p.add_argument("--rows", type=_rows_arg, default=5, metavar="N", help="rows to show (default 5; 'all')")
+    p.add_argument("--rows", type=_rows_arg, default=_DEFAULT_ROWS, metavar="N",
+                   help="rows to show (default 5; 'all'); with --verify, rows to check (default all)")
     p.add_argument("--start", type=_count_arg, default=0, metavar="K", help="first row to show (default 0)")
     p.add_argument("--split", default="train", help="split of a dataset folder or Hub dataset (default train)")
     p.add_argument("--html", metavar="OUT.html", help="also write a self-contained HTML page here")
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated roles whose messages are trained (default assistant)")
     p.add_argument("--kind", choices=("auto",) + KINDS, default="auto",
                    help="row format (auto: chosen+rejected → pair; label → labeled; messages → conversation)")
+    p.add_argument("--verify", action="store_true",
+                   help="check every row's mask against an independent method (token-prefix differences); "
+                   "print the rows where they disagree (exit 1 if any) instead of the rows")
     return p
 
 
@@ -337,7 +342,10 @@ def cli(argv: list[str] | None = None) -> int:
     if args.start >= len(rows):
         print(f"mtpo inspect: error: --start {args.start} but {args.data} has {len(rows)} rows", file=sys.stderr)
         return 2
-    stop = len(rows) if args.rows is None else min(len(rows), args.start + args.rows)
+    if args.verify:
+        return _verify(args, rows, kind, renderer)
+    n = 5 if args.rows == _DEFAULT_ROWS else args.rows
+    stop = len(rows) if n is None else min(len(rows), args.start + n)
     try:
         results = _show_rows(args, rows[:stop], kind, renderer)
     except BrokenPipeError:  # `mtpo inspect ... | head`: stop quietly, like other command-line tools
@@ -353,6 +361,17 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"mtpo inspect: {len(failed)} of {len(results)} rows failed to render (rows {shown})", file=sys.stderr)
         return 1
     return 0
+
+
+def _verify(args, rows: list[dict], kind: str, renderer: ChatRenderer) -> int:
+    from mtpo.verify import verify_rows
+
+    n = None if args.rows in (None, _DEFAULT_ROWS) else args.rows
+    stop = len(rows) if n is None else min(len(rows), args.start + n)
+    report = verify_rows(rows, renderer, range(args.start, stop), kind,
+                         progress=sys.stderr.isatty())
+    print("\n".join(report.lines()), flush=True)
+    return 1 if report.mismatches or report.failed else 0
 
 
 def _show_rows(args, rows: list[dict], kind: str, renderer: ChatRenderer) -> list[tuple]:

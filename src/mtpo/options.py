@@ -56,8 +56,9 @@ class MTPOOptions:
     trainable_roles: list[str] = field(default_factory=lambda: ["assistant"], metadata={"help": "Roles the policy generated."})
     end_of_turn: str = field(default="every", metadata={"help": "Train the end-of-turn token on every / last / none turn."})
     end_of_turn_text: list[str] = field(default_factory=list, metadata={"help": "End-of-turn strings (default: detected)."})
+    verify_masks: int = field(default=16, metadata={"help": "Check the masks of the first N training rows with an independent method (token-prefix differences) before training; a disagreement stops. 0: off."})
     # --- compute
-    logprob_chunk_size: int = field(default=1024, metadata={"help": "At most this many rows through the LM head at once (fewer at large vocabularies: rows × V ≤ 2^27)."})
+    logprob_chunk_size: int | None = field(default=None, metadata={"help": "Rows through the LM head at once. Unset: sized by device and vocabulary (rows × V ≤ 2^25 logits on CPU, 2^27 on GPU). A number: at most that many (rows × V ≤ 2^27)."})
     # --- LoRA (needs `pip install mtpo[peft]`)
     use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of all weights."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
@@ -84,7 +85,9 @@ class MTPOOptions:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if not 0 <= self.max_skipped_fraction <= 1:
             raise ConfigError(f"max_skipped_fraction must be in [0, 1], got {self.max_skipped_fraction}")
-        if self.logprob_chunk_size < 1:
+        if self.verify_masks < 0:
+            raise ConfigError(f"verify_masks must be 0 (off) or a number of rows, got {self.verify_masks}")
+        if self.logprob_chunk_size is not None and self.logprob_chunk_size < 1:
             raise ConfigError(f"logprob_chunk_size must be positive, got {self.logprob_chunk_size}")
         if not self.trainable_roles:
             raise ConfigError("trainable_roles is empty: nothing would be trained")

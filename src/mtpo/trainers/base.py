@@ -241,10 +241,17 @@ class StopOnSignal(TrainerCallback):
 
 
 def disable_dropout(model: torch.nn.Module) -> None:
-    """Dropout makes policy and reference disagree on identical weights; preference losses want it off."""
+    """Dropout makes policy and reference disagree on identical weights; preference losses want it off.
+
+    Two kinds exist in transformers models: `nn.Dropout` modules (residual, embedding, LoRA dropout)
+    and a plain float the attention function reads in training mode (`self.attention_dropout` of
+    Llama, Qwen, Mistral, Gemma, Phi-3 ...), which no `nn.Dropout` check sees."""
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and value > 0:
+                setattr(module, name, 0.0)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from mtpo.runs import Interrupted, check_output_dir, resolve_resume
 from mtpo.trainers.args import MTPOConfig
 from mtpo.trainers.base import StopOnSignal, disable_dropout
 from mtpo.trainers.parallel import uses_deepspeed_or_fsdp
+from mtpo.verify import check_first_rows
 
 logger = logging.getLogger("mtpo")
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -103,6 +104,8 @@ def load_examples(config: MTPOConfig, renderer: ChatRenderer, prepare: Callable,
     rows = load_rows(source)
     if not rows:
         raise ConfigError(f"{split} data {source} is empty")
+    if split == "train":  # masks of the first rows vs an independent method, before any model loads
+        check_first_rows(rows, renderer, config.verify_masks)
     examples, report = prepare(rows, renderer, max_length=config.max_length, truncation=config.truncation,
                                invalid_rows=config.invalid_rows)
     check_skipped(report, config, split, source, bool(examples))
