@@ -81,7 +81,7 @@ def render_row(row: dict, index: int, kind: str, renderer: ChatRenderer) -> list
         traj = parse_labeled(row, index)
         return [Side("completion", renderer.render_labeled(traj), traj.label)]
     conv = parse_conversation(row, index)
-    return [Side("messages", renderer.render(conv), conv.label)]
+    return [Side("messages", renderer.render_trajectory(conv), conv.label)]
 
 
 # --------------------------------------------------------------------------------------------

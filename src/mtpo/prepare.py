@@ -74,7 +74,8 @@ class LabeledExample:
 
 
 def fit_length(r: Rendered, max_length: int | None, truncation: str) -> tuple[Rendered | None, str | None]:
-    """Apply the truncation policy; returns (rendered or None, reason it was dropped)."""
+    """Apply the truncation policy; returns (rendered or None, reason it was dropped). Per-turn
+    trajectories (`render_turns.TurnSequences`) fit when each of their sequences does."""
     if max_length is None or len(r) <= max_length:
         return r, None
     if truncation == "drop":
@@ -246,7 +247,7 @@ def prepare_conversations(rows: list[dict], renderer: ChatRenderer, max_length: 
         conv = parse_conversation(row, i)
         if keep is not None and not keep(conv):
             return None, "filtered out (label/score)"
-        return fit_length(renderer.render(conv), max_length, truncation)
+        return fit_length(renderer.render_trajectory(conv), max_length, truncation)
 
     return _run(rows, build, report, invalid_rows, "rendering conversations"), report
 

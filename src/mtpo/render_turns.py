@@ -1,0 +1,237 @@
+"""Per-turn scoring for chat templates that rewrite history (Qwen3, DeepSeek-R1/V3, gpt-oss, Nemotron 3).
+
+A template is *prefix-stable* for a conversation when rendering messages[:k] (+ generation prompt) is a
+prefix of rendering the whole conversation. Then one sequence holds every assistant turn in exactly the
+context the policy saw (`ChatRenderer.render`). Thinking templates break this: Qwen3 drops the reasoning
+of turns before the last user query, DeepSeek and Nemotron open `<think>` in the generation prompt but not
+in the history, gpt-oss ends the last turn with `<|return|>` and earlier ones with `<|end|>`.
+
+The trajectory log-probability M-DPO/M-KTO need is Σ_k log π(y_k | x_k), where x_k is the context turn
+k was *generated* in: `render(messages[:k], add_generation_prompt=True)`, the same text the rollout
+feeds the model (`ChatRenderer.generation_context`). So a trajectory becomes a list of sequences
+(`TurnSequences.parts`), each a `Rendered` holding one or more turns, and its log-prob is the sum over
+its parts (the collator records each part's owner, the trainer adds them up with `index_add`).
+
+How a trajectory is split (cost: up to one sequence per turn, often fewer):
+* Greedy groups of consecutive trained turns: a group of turns k_i..k_j is `ChatRenderer.render` of
+  messages[:k_j + 1] with the trained turns outside the group marked untrained. That render checks,
+  as always, that each turn's context and generation prompt are a prefix of the sequence, so every
+  turn of a group is scored in its own generation context. A group grows until the template rewrites.
+  The last turn of a group is the last message rendered, so it ends as a final turn does (gpt-oss
+  `<|return|>`), which is how the policy ended it.
+* A turn that is not a continuation of its own context even alone (the generation prompt prefills
+  text the history rendering drops: DeepSeek's `<think>\\n`) is rebuilt: context = its generation
+  context; produced = the message content as generated (minus the prefilled text) + the end-of-turn
+  text the template closes the turn with. This needs the content to carry the whole generation (the
+  reasoning included, `...</think>` closing the prefilled block); otherwise the row is refused,
+  naming row and message — the generated text is then unknown.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from mtpo.data import Conversation, RecordError
+from mtpo.render import Rendered, Segment, TemplateRewrite
+
+logger = logging.getLogger("mtpo")
+_OPEN_TAG = re.compile(r"<([A-Za-z_][\w-]*)>\s*$")  # a prefill that opens a block: "<think>\n"
+
+
+@dataclass
+class TurnSequences:
+    """One trajectory scored as several sequences; its log-prob is the sum over `parts`."""
+
+    parts: list[Rendered]
+    index: int = 0  # source row
+
+    @property
+    def num_trainable(self) -> int:
+        return sum(p.num_trainable for p in self.parts)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return self.parts[0].prompt_tokens
+
+    def __len__(self) -> int:
+        """The longest part: what `max_length` bounds (each part is one padded row of a batch)."""
+        return max(len(p) for p in self.parts)
+
+    def truncated(self, max_length: int) -> "TurnSequences":
+        """`keep_start`: the parts that fit, then the first part that does not, cut to `max_length`."""
+        kept = []
+        for p in self.parts:
+            kept.append(p if len(p) <= max_length else p.truncated(max_length))
+            if len(p) > max_length:
+                break
+        return TurnSequences(kept, self.index)
+
+
+def sequences(r) -> list[Rendered]:
+    """The sequences one trajectory is scored as: [r] for a single sequence, else its parts."""
+    return r.parts if isinstance(r, TurnSequences) else [r]
+
+
+def render_trajectory(renderer, conv: Conversation, prompt_len: int = 0, memo: dict | None = None):
+    """`renderer.render` (one sequence) or per-turn parts, per `renderer.options.render_mode`."""
+    mode = renderer.options.render_mode
+    if mode != "per_turn":
+        try:
+            return renderer.render(conv, prompt_len, memo)
+        except TemplateRewrite as e:
+            if mode == "single":
+                raise
+            _log_switch_once(renderer, e)
+    return render_per_turn(renderer, conv, prompt_len, memo)
+
+
+def _log_switch_once(renderer, error: RecordError) -> None:
+    if getattr(renderer, "_per_turn_logged", False):
+        return
+    renderer._per_turn_logged = True
+    logger.warning("%s — scoring such rows per turn, each assistant turn in the context the policy generated it in "
+                   "(render_mode: auto; set render_mode: single to refuse instead). Logged once.", error)
+
+
+def render_per_turn(renderer, conv: Conversation, prompt_len: int = 0, memo: dict | None = None):
+    """The trajectory as greedy groups of prefix-stable consecutive turns (see the module docstring)."""
+    trained = [k for k, m in enumerate(conv.messages) if renderer._is_trained(m)]
+    if not trained:
+        raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
+    last_assistant = max((k for k in trained if conv.messages[k].role == "assistant"), default=-1)
+    parts, i = [], 0
+    while i < len(trained):
+        try:
+            part = _render_group(renderer, conv, trained, i, i + 1, prompt_len, memo, last_assistant)
+        except TemplateRewrite:
+            parts.append(_rebuild_turn(renderer, conv, trained[i], prompt_len, trained[i] == last_assistant))
+            i += 1
+            continue
+        j = i + 1
+        while j < len(trained):
+            try:
+                part = _render_group(renderer, conv, trained, i, j + 1, prompt_len, memo, last_assistant)
+            except TemplateRewrite:
+                break
+            j += 1
+        parts.append(part)
+        i = j
+    return parts[0] if len(parts) == 1 and _is_whole(parts[0], conv) else TurnSequences(parts, conv.index)
+
+
+def _is_whole(part: Rendered, conv: Conversation) -> bool:
+    """A single part covering the whole conversation is just the single-sequence rendering."""
+    return part.segments[-1].messages[-1] == len(conv.messages) - 1
+
+
+def _render_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant) -> Rendered:
+    """`render` of messages[:trained[j-1] + 1] with only trained[i:j] trained."""
+    group = set(trained[i:j])
+    stop = trained[j - 1] + 1
+    messages = [m if k in group or k not in trained else replace(m, train=False)
+                for k, m in enumerate(conv.messages[:stop])]
+    part_conv = replace(conv, messages=messages)
+    if renderer.options.end_of_turn == "last" and last_assistant not in group:
+        renderer = _variant(renderer, "none")  # `last` = the trajectory's last turn, not this part's
+    return renderer.render(part_conv, min(prompt_len, stop), memo)
+
+
+def _variant(renderer, end_of_turn: str):
+    """The same renderer with another `end_of_turn` (cached on it: probing the template is not free)."""
+    cache = renderer.__dict__.setdefault("_eot_variants", {})
+    if end_of_turn not in cache:
+        clone = object.__new__(type(renderer))
+        clone.__dict__.update({k: v for k, v in renderer.__dict__.items() if k != "_eot_variants"})
+        clone.options = replace(renderer.options, end_of_turn=end_of_turn)
+        cache[end_of_turn] = clone
+    return cache[end_of_turn]
+
+
+# ------------------------------------------------------------------------------------------ rebuilt turns
+
+
+def _rebuild_turn(renderer, conv: Conversation, k: int, prompt_len: int, is_last: bool) -> Rendered:
+    """Turn k as (its generation context) + (what the policy produced), when the template's rendering of
+    the turn does not continue that context (it drops a prefilled `<think>\\n` and the reasoning)."""
+    m = conv.messages[k]
+    if m.role != "assistant":
+        raise RecordError(conv.index, "a trained non-assistant message where the template rewrites history: "
+                          "cannot tell which context it belongs to", k)
+    msgs = [x.to_template() for x in conv.messages]
+    context = renderer._apply(msgs[:k], conv, True)
+    history = _strip_closing(renderer, renderer._apply(msgs[: k + 1], conv, False))
+    shared = len(os.path.commonprefix([context, history]))
+    prefill, turn = context[shared:], history[shared:]
+    body, eot = _split_end_of_turn(renderer, turn, conv.index, k)
+    raw = m.content or ""
+    reasoning = m.extra.get("reasoning_content") or m.extra.get("reasoning") or m.extra.get("thinking")
+    why = _unreconstructable(prefill, raw, body, reasoning, history)
+    if why:
+        raise RecordError(conv.index, f"cannot rebuild what the policy generated in this turn: the template's "
+                          f"generation prompt ends with {prefill!r} but it renders the turn as {turn!r}; {why}", k)
+    produced = raw[len(prefill):] if prefill and raw.startswith(prefill) else raw
+    train_eot = renderer.options.end_of_turn == "every" or (renderer.options.end_of_turn == "last" and is_last)
+    text = context + produced + eot
+    base = _strip_closing(renderer, renderer._apply(msgs[:k], conv, False))
+    head = len(base) if context.startswith(base) else len(context)  # where turn k's header starts
+    trained_end = len(text) - (0 if train_eot else len(eot))
+    regions = [(0, head, False, 0), (head, len(context), False, 1), (len(context), trained_end, True, 1),
+               (trained_end, len(text), False, 1)]
+    regions = [r for r in regions if r[1] > r[0]]
+    segments = [Segment(tuple(range(k)), conv.messages[0].role, False, (0, head)),
+                Segment((k,), "assistant", True, (head, len(text)))]
+    return _tokenized(renderer, text, regions, segments, conv.index, prompt_len)
+
+
+def _strip_closing(renderer, text: str) -> str:
+    closing = renderer.closing_text
+    return text[: -len(closing)] if closing and text.endswith(closing) else text
+
+
+def _split_end_of_turn(renderer, turn: str, row: int, k: int) -> tuple[str, str]:
+    """(body, end-of-turn text) of the template's rendering of one assistant turn (trailing space dropped)."""
+    best = max(((turn.rfind(e), e) for e in renderer.end_of_turn_texts), default=(-1, ""))
+    if best[0] < 0:
+        raise RecordError(row, f"none of the end-of-turn texts {list(renderer.end_of_turn_texts)} found after this "
+                          "assistant message; set `end_of_turn_text`", k)
+    return turn[: best[0]], best[1]
+
+
+def _unreconstructable(prefill: str, raw: str, body: str, reasoning, history: str) -> str | None:
+    """Why the generated text cannot be known from this message, or None when it can."""
+    if reasoning and reasoning not in history:
+        return ("the message's reasoning is a separate field the template drops, so where the policy wrote it is "
+                "unknown; give the raw generation (reasoning included) as `content`")
+    if reasoning:
+        return ("the template renders the reasoning where its generation prompt does not allow it (e.g. reasoning "
+                "under a no-think prompt): this turn cannot have been generated in that context")
+    produced = raw[len(prefill):] if prefill and raw.startswith(prefill) else raw
+    if not produced.endswith(body.strip()):
+        return "the content does not end with the text the template renders for it"
+    opened = _OPEN_TAG.search(prefill)
+    if opened and f"</{opened.group(1)}>" not in produced:
+        return (f"the generation prompt opens <{opened.group(1)}> and the content does not close it, so the "
+                "content is not the whole generation; give the raw generation (reasoning included) as `content`")
+    return None
+
+
+def _tokenized(renderer, text: str, regions, segments, row: int, prompt_len: int) -> Rendered:
+    """Tokenize `text` once and map tokens to regions, as `ChatRenderer.render` does."""
+    ids, offsets = renderer._tokenize(text, row)
+    token_region = renderer._assign_tokens(text, offsets, regions, segments, row)
+    trainable = np.array([r[2] for r in regions], dtype=bool)[token_region]
+    trainable[0] = False
+    region_segment = np.array([r[3] for r in regions])[token_region]
+    for s, seg in enumerate(segments):
+        where = np.flatnonzero(region_segment == s)
+        seg.token_span = (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
+    prompt_tokens = segments[1].token_span[0] if prompt_len else 0
+    out = Rendered(ids, trainable, text, offsets, segments, row, prompt_tokens)
+    if out.num_trainable == 0:
+        raise RecordError(row, "no trainable tokens in a rebuilt turn", segments[-1].messages[0])
+    return out
