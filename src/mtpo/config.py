@@ -22,7 +22,7 @@ import yaml
 from transformers import TrainingArguments
 
 from mtpo.prepare import INVALID_ROW_MODES, TRUNCATION_MODES
-from mtpo.render import END_OF_TURN_MODES, RenderOptions
+from mtpo.render import END_OF_TURN_MODES, RENDER_MODES, RenderOptions
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -51,6 +51,7 @@ class MTPOConfig(TrainingArguments):
     trainable_roles: list[str] = field(default_factory=lambda: ["assistant"], metadata={"help": "Roles the policy generated."})
     end_of_turn: str = field(default="every", metadata={"help": "Train the end-of-turn token on every / last / none turn."})
     end_of_turn_text: list[str] = field(default_factory=list, metadata={"help": "End-of-turn strings (default: detected)."})
+    render_mode: str = field(default="auto", metadata={"help": "auto: one sequence per trajectory where the template is prefix-stable, else each assistant turn in its own generation context (per_turn); or force single / per_turn."})
     # --- compute
     logprob_chunk_size: int = field(default=1024, metadata={"help": "At most this many rows through the LM head at once (fewer at large vocabularies: rows × V ≤ 2^27)."})
     # --- LoRA (needs `pip install mtpo[peft]`)
@@ -70,6 +71,7 @@ class MTPOConfig(TrainingArguments):
         _one_of("truncation", self.truncation, TRUNCATION_MODES)
         _one_of("invalid_rows", self.invalid_rows, INVALID_ROW_MODES)
         _one_of("end_of_turn", self.end_of_turn, END_OF_TURN_MODES)
+        _one_of("render_mode", self.render_mode, RENDER_MODES)
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if self.logprob_chunk_size < 1:
@@ -84,7 +86,8 @@ class MTPOConfig(TrainingArguments):
         if self.chat_template:
             with open(self.chat_template, encoding="utf-8") as f:
                 template = f.read()
-        return RenderOptions(tuple(self.trainable_roles), self.end_of_turn, tuple(self.end_of_turn_text), template)
+        return RenderOptions(tuple(self.trainable_roles), self.end_of_turn, tuple(self.end_of_turn_text), template,
+                             render_mode=self.render_mode)
 
     def check_paths(self) -> None:
         """Missing local files fail here, before any model is loaded."""

@@ -105,6 +105,11 @@ class TemplateRewrite(RecordError):
     generation prompt differs from how it renders the turn): one sequence cannot hold every turn's context."""
 
 
+class NoEndOfTurn(RecordError):
+    """An assistant turn, rendered within the conversation, holds none of the end-of-turn texts (GLM-4.x:
+    the turn ends with the next role tag, written as the next message's header). Per-turn scoring handles it."""
+
+
 class ChatRenderer:
     """Renders conversations with one tokenizer + chat template. Build once, call per row."""
 
@@ -335,7 +340,7 @@ class ChatRenderer:
                 best = at, eot
         at, eot = best
         if at < 0:
-            raise RecordError(row, f"none of the end-of-turn texts {list(self.end_of_turn_texts)} found after "
+            raise NoEndOfTurn(row, f"none of the end-of-turn texts {list(self.end_of_turn_texts)} found after "
                               "this assistant message; set `end_of_turn_text`", k)
         train_eot = self.options.end_of_turn == "every" or (self.options.end_of_turn == "last" and is_last)
         return head_end + at + (len(eot) if train_eot else 0)

@@ -37,9 +37,11 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from mtpo.data import Conversation, RecordError
-from mtpo.render import Rendered, Segment, TemplateRewrite
+from mtpo.render import NoEndOfTurn, Rendered, Segment, TemplateRewrite
 
 logger = logging.getLogger("mtpo")
+_REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
+_PROBE = "MTPO_PROBE_ANSWER"
 _OPEN_TAG = re.compile(r"<([A-Za-z_][\w-]*)>\s*$")  # a prefill that opens a block: "<think>\n"
 
 
@@ -82,12 +84,34 @@ def render_trajectory(renderer, conv: Conversation, prompt_len: int = 0, memo: d
     mode = renderer.options.render_mode
     if mode != "per_turn":
         try:
-            return renderer.render(conv, prompt_len, memo)
-        except TemplateRewrite as e:
+            rendered = renderer.render(conv, prompt_len, memo)
+        except (TemplateRewrite, NoEndOfTurn) as e:
             if mode == "single":
                 raise
             _log_switch_once(renderer, e)
+        else:
+            bad = None if mode == "single" else _first_inexact_turn(renderer, conv, rendered)
+            if bad is None:
+                return rendered
+            _log_switch_once(renderer, RecordError(conv.index, "the tokens before this assistant turn differ from its "
+                                                   "generation context (a token merges across the turn boundary)", bad))
     return render_per_turn(renderer, conv, prompt_len, memo)
+
+
+def _first_inexact_turn(renderer, conv: Conversation, part: Rendered) -> int | None:
+    """The first trained assistant message of `part` whose preceding tokens are not exactly its generation
+    context's tokens (`generation_context`: what the rollout fed the policy), or None."""
+    msgs = [m.to_template() for m in conv.messages]
+    for seg in part.segments:
+        k = seg.messages[0]
+        if not seg.trained or conv.messages[k].role != "assistant":
+            continue
+        run = np.flatnonzero(part.trainable[seg.token_span[0]: seg.token_span[1]])
+        start = seg.token_span[0] + (int(run[0]) if len(run) else 0)
+        _, context_ids = renderer.generation_context(msgs[:k], conv.tools)
+        if part.input_ids[:start].tolist() != context_ids:
+            return k
+    return None
 
 
 def _log_switch_once(renderer, error: RecordError) -> None:
@@ -106,19 +130,17 @@ def render_per_turn(renderer, conv: Conversation, prompt_len: int = 0, memo: dic
     last_assistant = max((k for k in trained if conv.messages[k].role == "assistant"), default=-1)
     parts, i = [], 0
     while i < len(trained):
-        try:
-            part = _render_group(renderer, conv, trained, i, i + 1, prompt_len, memo, last_assistant)
-        except TemplateRewrite:
+        part = _exact_group(renderer, conv, trained, i, i + 1, prompt_len, memo, last_assistant)
+        if part is None:
             parts.append(_rebuild_turn(renderer, conv, trained[i], prompt_len, trained[i] == last_assistant))
             i += 1
             continue
         j = i + 1
         while j < len(trained):
-            try:
-                part = _render_group(renderer, conv, trained, i, j + 1, prompt_len, memo, last_assistant)
-            except TemplateRewrite:
+            longer = _exact_group(renderer, conv, trained, i, j + 1, prompt_len, memo, last_assistant)
+            if longer is None:
                 break
-            j += 1
+            part, j = longer, j + 1
         parts.append(part)
         i = j
     return parts[0] if len(parts) == 1 and _is_whole(parts[0], conv) else TurnSequences(parts, conv.index)
@@ -127,6 +149,16 @@ def render_per_turn(renderer, conv: Conversation, prompt_len: int = 0, memo: dic
 def _is_whole(part: Rendered, conv: Conversation) -> bool:
     """A single part covering the whole conversation is just the single-sequence rendering."""
     return part.segments[-1].messages[-1] == len(conv.messages) - 1
+
+
+def _exact_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant) -> Rendered | None:
+    """The group trained[i:j] as one sequence, or None if the template rewrites inside it or a turn's
+    preceding tokens are not exactly its generation context."""
+    try:
+        part = _render_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant)
+    except (TemplateRewrite, NoEndOfTurn):
+        return None
+    return part if _first_inexact_turn(renderer, conv, part) is None else None
 
 
 def _render_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant) -> Rendered:
@@ -165,16 +197,11 @@ def _rebuild_turn(renderer, conv: Conversation, k: int, prompt_len: int, is_last
     msgs = [x.to_template() for x in conv.messages]
     context = renderer._apply(msgs[:k], conv, True)
     history = _strip_closing(renderer, renderer._apply(msgs[: k + 1], conv, False))
-    shared = len(os.path.commonprefix([context, history]))
-    prefill, turn = context[shared:], history[shared:]
-    body, eot = _split_end_of_turn(renderer, turn, conv.index, k)
-    raw = m.content or ""
-    reasoning = m.extra.get("reasoning_content") or m.extra.get("reasoning") or m.extra.get("thinking")
-    why = _unreconstructable(prefill, raw, body, reasoning, history)
-    if why:
-        raise RecordError(conv.index, f"cannot rebuild what the policy generated in this turn: the template's "
-                          f"generation prompt ends with {prefill!r} but it renders the turn as {turn!r}; {why}", k)
-    produced = raw[len(prefill):] if prefill and raw.startswith(prefill) else raw
+    if history.startswith(context):  # the template continues the context: it says what was produced
+        produced, eot = _split_end_of_turn(renderer, history[len(context):], conv.index, k,
+                                           lambda: _next_tag(renderer, conv, msgs, k, history))
+    else:  # the history drops text the generation prompt prefills (DeepSeek's "<think>\n")
+        produced, eot = _prefilled_turn(renderer, conv, k, context, history)
     train_eot = renderer.options.end_of_turn == "every" or (renderer.options.end_of_turn == "last" and is_last)
     text = context + produced + eot
     base = _strip_closing(renderer, renderer._apply(msgs[:k], conv, False))
@@ -185,7 +212,23 @@ def _rebuild_turn(renderer, conv: Conversation, k: int, prompt_len: int, is_last
     regions = [r for r in regions if r[1] > r[0]]
     segments = [Segment(tuple(range(k)), conv.messages[0].role, False, (0, head)),
                 Segment((k,), "assistant", True, (head, len(text)))]
-    return _tokenized(renderer, text, regions, segments, conv.index, prompt_len)
+    return _tokenized(renderer, text, len(context), regions, segments, conv.index, prompt_len)
+
+
+def _prefilled_turn(renderer, conv: Conversation, k: int, context: str, history: str) -> tuple[str, str]:
+    """(produced text, end-of-turn) of a turn whose history rendering does not continue its context: the
+    content as generated (minus the prefill) + the end-of-turn text the template closes the turn with."""
+    m = conv.messages[k]
+    shared = len(os.path.commonprefix([context, history]))
+    prefill, turn = context[shared:], history[shared:]
+    body, eot = _split_end_of_turn(renderer, turn, conv.index, k)
+    raw = m.content or ""
+    reasoning = next((m.extra[key] for key in _REASONING_KEYS if m.extra.get(key)), None)
+    why = _unreconstructable(prefill, raw, body, reasoning, history)
+    if why:
+        raise RecordError(conv.index, f"cannot rebuild what the policy generated in this turn: the template's "
+                          f"generation prompt ends with {prefill!r} but it renders the turn as {turn!r}; {why}", k)
+    return (raw[len(prefill):] if prefill and raw.startswith(prefill) else raw), eot
 
 
 def _strip_closing(renderer, text: str) -> str:
@@ -193,13 +236,41 @@ def _strip_closing(renderer, text: str) -> str:
     return text[: -len(closing)] if closing and text.endswith(closing) else text
 
 
-def _split_end_of_turn(renderer, turn: str, row: int, k: int) -> tuple[str, str]:
-    """(body, end-of-turn text) of the template's rendering of one assistant turn (trailing space dropped)."""
+def _split_end_of_turn(renderer, turn: str, row: int, k: int, next_tag=None) -> tuple[str, str]:
+    """(body, end-of-turn text) of the template's rendering of one assistant turn, as the last message.
+
+    The end of turn is the last end-of-turn text in it; else a control token the rendering ends with
+    (Gemma 4 ends a tool-calling turn with `<|tool_response>`); else (`next_tag`) the control token the
+    template opens the next message with, which the policy emitted to stop (GLM-4.x `<|observation|>`,
+    `<|user|>`); for the last turn of such a template nothing (its stop token is unknown: not trained)."""
     best = max(((turn.rfind(e), e) for e in renderer.end_of_turn_texts), default=(-1, ""))
-    if best[0] < 0:
+    if best[0] >= 0:
+        return turn[: best[0]], best[1]
+    stripped = turn.rstrip()
+    special = renderer._special_re
+    last = None if special is None else next((m for m in special.finditer(stripped) if m.end() == len(stripped)), None)
+    if last is not None:
+        return stripped[: last.start()], last.group(0)
+    tag = next_tag() if next_tag is not None else None
+    if tag is None:
         raise RecordError(row, f"none of the end-of-turn texts {list(renderer.end_of_turn_texts)} found after this "
                           "assistant message; set `end_of_turn_text`", k)
-    return turn[: best[0]], best[1]
+    return turn, tag
+
+
+def _next_tag(renderer, conv: Conversation, msgs: list[dict], k: int, history: str) -> str | None:
+    """The control token the template opens message k + 1 with ("" when k is the last message), or None.
+    Read off a probe where message k is a plain answer, so a template that rewrites message k once another
+    follows (GLM drops its reasoning) still shows where the next message starts."""
+    if k + 1 >= len(msgs):
+        return ""
+    plain = {key: v for key, v in msgs[k].items() if key not in _REASONING_KEYS}
+    probe = msgs[:k] + [{**plain, "content": _PROBE}] + msgs[k + 1: k + 2]
+    before = _strip_closing(renderer, renderer._apply(probe[: k + 1], conv, False))
+    after = _strip_closing(renderer, renderer._apply(probe, conv, False))
+    special = renderer._special_re
+    hit = special.match(after, len(before)) if special is not None and after.startswith(before) else None
+    return hit.group(0) if hit else None
 
 
 def _unreconstructable(prefill: str, raw: str, body: str, reasoning, history: str) -> str | None:
@@ -208,8 +279,9 @@ def _unreconstructable(prefill: str, raw: str, body: str, reasoning, history: st
         return ("the message's reasoning is a separate field the template drops, so where the policy wrote it is "
                 "unknown; give the raw generation (reasoning included) as `content`")
     if reasoning:
-        return ("the template renders the reasoning where its generation prompt does not allow it (e.g. reasoning "
-                "under a no-think prompt): this turn cannot have been generated in that context")
+        return ("the template renders this turn, reasoning included, as something that does not continue its "
+                "generation prompt, so it cannot have been generated in that context (reasoning under a no-think "
+                "prompt; a prompt that closes the turn the rendering continues)")
     produced = raw[len(prefill):] if prefill and raw.startswith(prefill) else raw
     if not produced.endswith(body.strip()):
         return "the content does not end with the text the template renders for it"
@@ -220,9 +292,12 @@ def _unreconstructable(prefill: str, raw: str, body: str, reasoning, history: st
     return None
 
 
-def _tokenized(renderer, text: str, regions, segments, row: int, prompt_len: int) -> Rendered:
-    """Tokenize `text` once and map tokens to regions, as `ChatRenderer.render` does."""
-    ids, offsets = renderer._tokenize(text, row)
+def _tokenized(renderer, text: str, cut: int, regions, segments, row: int, prompt_len: int) -> Rendered:
+    """Tokenize text[:cut] (the context: exactly `generation_context`'s tokens) and text[cut:] (what the
+    policy produced) separately, then map tokens to regions as `ChatRenderer.render` does."""
+    ids, offsets = renderer._tokenize(text[:cut], row)
+    more, more_offsets = renderer._tokenize(text[cut:], row)
+    ids, offsets = np.concatenate([ids, more]), np.concatenate([offsets, more_offsets + cut])
     token_region = renderer._assign_tokens(text, offsets, regions, segments, row)
     trainable = np.array([r[2] for r in regions], dtype=bool)[token_region]
     trainable[0] = False
