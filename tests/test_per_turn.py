@@ -276,3 +276,36 @@ def test_sft_nll_is_the_per_turn_hand_computation(files, tmp_path):
                  for t in trajectories for m in t if m["role"] == "assistant")
     assert logged["tokens"] * 3 == tokens  # logged: mean per row
     assert logged["nll"] == pytest.approx(-total / tokens, rel=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ inspect
+
+
+def test_inspect_shows_each_turn_in_its_own_context(files, tmp_path, capsys, tok):
+    from mtpo.inspect import cli
+
+    args = [str(files / "pairs.jsonl"), "--tokenizer", str(TINY), "--chat-template", str(files / "qwen3.jinja"),
+            "--rows", "2"]
+    assert cli(args + ["--format", "json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["row"], r["side"]) for r in records] == [(0, "chosen"), (0, "rejected"), (1, "chosen"), (1, "rejected")]
+    rows = pair_rows(2)
+    for rec in records:
+        msgs = rows[rec["row"]][rec["side"]]
+        turns = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
+        assert rec["mode"] == "per_turn" and len(rec["sequences"]) == len(turns)
+        assert rec["num_trainable"] == sum(s["num_trainable"] for s in rec["sequences"])
+        for k, seq in zip(turns, rec["sequences"]):
+            ids, mask = np.array(seq["input_ids"]), np.array(seq["trainable"], dtype=bool)
+            start = int(np.flatnonzero(mask)[0])
+            assert ids[:start].tolist() == ChatRenderer(tok, RenderOptions(chat_template=read_template("qwen3"))) \
+                .generation_context(msgs[:k])[1]
+            assert tok.decode(ids[mask]) == msgs[k]["content"] + "<|im_end|>"
+    assert cli(args + ["--color", "never", "--html", str(tmp_path / "out.html")]) == 0
+    text = capsys.readouterr().out
+    assert text.count("--- chosen [turn sequence") == 2 * 3 and "chosen [turn sequence 3/3]" in text
+    assert "⟦<think>↵\nThe output is the answer." in text  # the last turn's reasoning, trained, in its own context
+    page = (tmp_path / "out.html").read_text(encoding="utf-8")
+    assert page.count("rejected [turn sequence") == 2 * 3
+    assert cli(args + ["--render-mode", "single"]) == 1  # forcing one sequence: Qwen3 rows are refused
+    assert "chat template is not prefix-stable" in capsys.readouterr().err
