@@ -98,7 +98,7 @@ def worker(args) -> dict:
             "trained_tokens": int(batch["trainable"].sum())}
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--mode", choices=["single", "per_turn"], default="single")
@@ -115,7 +115,11 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--timeout", type=float, default=600)
     p.add_argument("--out", type=Path)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.worker:
         import json
 

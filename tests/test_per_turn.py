@@ -309,3 +309,20 @@ def test_inspect_shows_each_turn_in_its_own_context(files, tmp_path, capsys, tok
     assert page.count("rejected [turn sequence") == 2 * 3
     assert cli(args + ["--render-mode", "single"]) == 1  # forcing one sequence: Qwen3 rows are refused
     assert "chat template is not prefix-stable" in capsys.readouterr().err
+
+
+def test_reasoning_a_template_ignores_is_reported(tok, caplog):
+    """Qwen2.5's template has no place for `reasoning_content`: not trained, and said so (once)."""
+    r = ChatRenderer(tok, RenderOptions(chat_template=read_template("qwen2_5")))
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A", "reasoning_content": "hidden"}]
+    with caplog.at_level(logging.WARNING, logger="mtpo"):
+        for row in range(2):
+            out = r.render_trajectory(parse_conversation({"messages": msgs}, row))
+    assert "hidden" not in out.text
+    warned = [rec.getMessage() for rec in caplog.records if "reasoning field" in rec.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("row 0, message 1:")
+    caplog.clear()
+    q3 = ChatRenderer(tok, RenderOptions(chat_template=read_template("qwen3")))
+    with caplog.at_level(logging.WARNING, logger="mtpo"):
+        q3.render_trajectory(parse_conversation({"messages": msgs}, 0))
+    assert not [rec for rec in caplog.records if "reasoning field" in rec.getMessage()]

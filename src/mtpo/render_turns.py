@@ -81,6 +81,12 @@ def sequences(r) -> list[Rendered]:
 
 def render_trajectory(renderer, conv: Conversation, prompt_len: int = 0, memo: dict | None = None):
     """`renderer.render` (one sequence) or per-turn parts, per `renderer.options.render_mode`."""
+    out = _render_mode(renderer, conv, prompt_len, memo)
+    _warn_dropped_reasoning(renderer, conv, out)
+    return out
+
+
+def _render_mode(renderer, conv: Conversation, prompt_len: int, memo: dict | None):
     mode = renderer.options.render_mode
     if mode != "per_turn":
         try:
@@ -112,6 +118,22 @@ def _first_inexact_turn(renderer, conv: Conversation, part: Rendered) -> int | N
         if part.input_ids[:start].tolist() != context_ids:
             return k
     return None
+
+
+def _warn_dropped_reasoning(renderer, conv: Conversation, out) -> None:
+    """Nothing dropped silently: a trained message's separate reasoning field that the template does not
+    render is not trained (the policy could not have written it under this template). Warned once."""
+    if getattr(renderer, "_reasoning_warned", False):
+        return
+    texts = [p.text for p in sequences(out)]
+    for k, m in enumerate(conv.messages):
+        reasoning = next((m.extra[key] for key in _REASONING_KEYS if isinstance(m.extra.get(key), str)), None)
+        if reasoning and renderer._is_trained(m) and not any(reasoning.strip() in t for t in texts):
+            renderer._reasoning_warned = True
+            logger.warning("row %d, message %d: the chat template does not render this message's reasoning field; "
+                           "that reasoning is not trained (if the policy wrote it, put it in `content` as generated). "
+                           "Logged once.", conv.index, k)
+            return
 
 
 def _log_switch_once(renderer, error: RecordError) -> None:
