@@ -78,9 +78,9 @@ def worker(args) -> dict:
     ref = torch.zeros(2 * args.batch, device=device)  # precomputed reference: a constant per trajectory
     probe = bl.MemoryProbe(args.device)
     probe.start()
-    times = []
+    times, cpu = [], []
     for _ in range(args.warmup + args.repeats):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         logps, _ = sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["trainable"])
         logps = sum_by_owner(logps, batch.get("seq_owner"))
         chosen, rejected = logps[: args.batch], logps[args.batch:]
@@ -90,9 +90,11 @@ def worker(args) -> dict:
         opt.zero_grad(set_to_none=True)
         probe.sync()
         times.append(time.perf_counter() - started)
+        cpu.append(time.process_time() - cpu_started)
     peak = probe.peak_mib()
     shape = tuple(batch["input_ids"].shape)
     return {"mode": args.mode, "step_s": statistics.median(times[args.warmup:]), "step_s_all": times,
+            "cpu_s": statistics.median(cpu[args.warmup:]),
             "peak_mib": peak, "step_delta_mib": peak - probe.baseline_mib, "sequences": shape[0],
             "padded_width": shape[1], "real_tokens": int(batch["attention_mask"].sum()),
             "trained_tokens": int(batch["trainable"].sum())}
@@ -140,14 +142,16 @@ def main(argv=None):
     rows = []
     for r in results:
         if "error" in r:
-            rows.append([r["mode"], r["error"], "", "", "", "", "", ""])
+            rows.append([r["mode"], r["error"]] + [""] * 8)
             continue
         ratio = f"{r['step_s'] / base['step_s']:.2f}×" if base else "—"
         mem = f"{r['step_delta_mib'] / base['step_delta_mib']:.2f}×" if base and base["step_delta_mib"] > 0 else "—"
+        cpu = f"{r['cpu_s'] / base['cpu_s']:.2f}×" if base else "—"
         rows.append([r["mode"], r["sequences"], r["padded_width"], r["real_tokens"], r["trained_tokens"],
-                     f"{r['step_s']:.3f}", ratio, f"{r['step_delta_mib']:.0f} ({mem})"])
+                     f"{r['step_s']:.3f}", ratio, f"{r['cpu_s']:.3f}", cpu, f"{r['step_delta_mib']:.0f} ({mem})"])
     table = bl.md_table(["mode", "sequences", "padded width", "real tokens", "trained tokens", "s/step",
-                         "time vs single", "step Δ MiB (vs single)"], rows, "lrrrrrrr")
+                         "time vs single", "CPU s/step", "CPU time vs single", "step Δ MiB (vs single)"], rows,
+                        "lrrrrrrrrr")
     head = (f"_M-DPO step, {args.batch} pairs of {args.turns}-turn thinking trajectories, tiny Llama (vocab "
             f"{args.vocab}, hidden {args.hidden}, {args.layers} layers), {args.device}, {args.threads} thread(s), "
             f"median of {args.repeats} steps_")

@@ -326,3 +326,22 @@ def test_reasoning_a_template_ignores_is_reported(tok, caplog):
     with caplog.at_level(logging.WARNING, logger="mtpo"):
         q3.render_trajectory(parse_conversation({"messages": msgs}, 0))
     assert not [rec for rec in caplog.records if "reasoning field" in rec.getMessage()]
+
+
+def test_prefilled_think_is_rebuilt_or_refused(tok):
+    """DeepSeek-R1: the generation prompt prefills "<think>\\n", the history drops the reasoning. The turn is
+    the content as generated (minus the prefill) + the end of turn; without the reasoning it is refused."""
+    r = ChatRenderer(tok, RenderOptions(chat_template=read_template("deepseek_r1_distill")))
+    raw = "<think>\nAdd them.\n</think>\n\nIt is 5."
+    msgs = [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": raw},
+            {"role": "user", "content": "And 3+4?"}, {"role": "assistant", "content": "Add.\n</think>\n\n7."}]
+    out = r.render_trajectory(parse_conversation({"messages": msgs}, 0))
+    trained = [tok.decode(p.input_ids[p.trainable]) for p in sequences(out)]
+    assert trained == ["Add them.\n</think>\n\nIt is 5.<｜end▁of▁sentence｜>", "Add.\n</think>\n\n7.<｜end▁of▁sentence｜>"]
+    for k, part in zip((1, 3), sequences(out)):
+        start = int(np.flatnonzero(part.trainable)[0])
+        assert part.input_ids[:start].tolist() == r.generation_context(msgs[:k])[1]
+    msgs[3]["content"] = "7."  # the reasoning the policy must have written after "<think>\n" is missing
+    with pytest.raises(RecordError, match=r"^row 2, message 3: cannot rebuild .* opens <think> and the content does "
+                                          r"not close it"):
+        r.render_trajectory(parse_conversation({"messages": msgs}, 2))

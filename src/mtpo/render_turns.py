@@ -29,6 +29,7 @@ How a trajectory is split (cost: up to one sequence per turn, often fewer):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -104,18 +105,21 @@ def _render_mode(renderer, conv: Conversation, prompt_len: int, memo: dict | Non
     return render_per_turn(renderer, conv, prompt_len, memo)
 
 
-def _first_inexact_turn(renderer, conv: Conversation, part: Rendered) -> int | None:
+def _first_inexact_turn(renderer, conv: Conversation, part: Rendered, cache: dict | None = None) -> int | None:
     """The first trained assistant message of `part` whose preceding tokens are not exactly its generation
-    context's tokens (`generation_context`: what the rollout fed the policy), or None."""
+    context's tokens (`generation_context`: what the rollout fed the policy), or None. `cache` keeps the
+    context ids per message across the greedy grouping of one trajectory."""
     msgs = [m.to_template() for m in conv.messages]
+    cache = {} if cache is None else cache
     for seg in part.segments:
         k = seg.messages[0]
         if not seg.trained or conv.messages[k].role != "assistant":
             continue
         run = np.flatnonzero(part.trainable[seg.token_span[0]: seg.token_span[1]])
         start = seg.token_span[0] + (int(run[0]) if len(run) else 0)
-        _, context_ids = renderer.generation_context(msgs[:k], conv.tools)
-        if part.input_ids[:start].tolist() != context_ids:
+        if k not in cache:
+            cache[k] = renderer.generation_context(msgs[:k], conv.tools)[1]
+        if part.input_ids[:start].tolist() != cache[k]:
             return k
     return None
 
@@ -150,16 +154,18 @@ def render_per_turn(renderer, conv: Conversation, prompt_len: int = 0, memo: dic
     if not trained:
         raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
     last_assistant = max((k for k in trained if conv.messages[k].role == "assistant"), default=-1)
-    parts, i = [], 0
+    parts, i, contexts = [], 0, {}
+    group = functools.partial(_exact_group, renderer, conv, trained, prompt_len=prompt_len, memo=memo,
+                              last_assistant=last_assistant, contexts=contexts)
     while i < len(trained):
-        part = _exact_group(renderer, conv, trained, i, i + 1, prompt_len, memo, last_assistant)
+        part = group(i, i + 1)
         if part is None:
             parts.append(_rebuild_turn(renderer, conv, trained[i], prompt_len, trained[i] == last_assistant))
             i += 1
             continue
         j = i + 1
         while j < len(trained):
-            longer = _exact_group(renderer, conv, trained, i, j + 1, prompt_len, memo, last_assistant)
+            longer = group(i, j + 1)
             if longer is None:
                 break
             part, j = longer, j + 1
@@ -173,14 +179,14 @@ def _is_whole(part: Rendered, conv: Conversation) -> bool:
     return part.segments[-1].messages[-1] == len(conv.messages) - 1
 
 
-def _exact_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant) -> Rendered | None:
+def _exact_group(renderer, conv, trained, i, j, *, prompt_len, memo, last_assistant, contexts) -> Rendered | None:
     """The group trained[i:j] as one sequence, or None if the template rewrites inside it or a turn's
     preceding tokens are not exactly its generation context."""
     try:
         part = _render_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant)
     except (TemplateRewrite, NoEndOfTurn):
         return None
-    return part if _first_inexact_turn(renderer, conv, part) is None else None
+    return part if _first_inexact_turn(renderer, conv, part, contexts) is None else None
 
 
 def _render_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant) -> Rendered:
@@ -210,8 +216,11 @@ def _variant(renderer, end_of_turn: str):
 
 
 def _rebuild_turn(renderer, conv: Conversation, k: int, prompt_len: int, is_last: bool) -> Rendered:
-    """Turn k as (its generation context) + (what the policy produced), when the template's rendering of
-    the turn does not continue that context (it drops a prefilled `<think>\\n` and the reasoning)."""
+    """Turn k alone: its generation context, tokenized as `generation_context` does, + what the policy
+    produced, tokenized on its own. Produced = the template's rendering of the turn as the last message
+    after the context, up to its end of turn (when a token would merge across that boundary, or the turn
+    ends with a control token / the next role tag); or, when that rendering does not continue the context
+    at all (a prefilled `<think>\\n` the history drops), the content as generated (`_prefilled_turn`)."""
     m = conv.messages[k]
     if m.role != "assistant":
         raise RecordError(conv.index, "a trained non-assistant message where the template rewrites history: "
@@ -229,11 +238,12 @@ def _rebuild_turn(renderer, conv: Conversation, k: int, prompt_len: int, is_last
     base = _strip_closing(renderer, renderer._apply(msgs[:k], conv, False))
     head = len(base) if context.startswith(base) else len(context)  # where turn k's header starts
     trained_end = len(text) - (0 if train_eot else len(eot))
-    regions = [(0, head, False, 0), (head, len(context), False, 1), (len(context), trained_end, True, 1),
-               (trained_end, len(text), False, 1)]
+    turn = 1 if k else 0  # segment of turn k (a trajectory opening with the assistant has no context segment)
+    regions = [(0, head, False, 0), (head, len(context), False, turn), (len(context), trained_end, True, turn),
+               (trained_end, len(text), False, turn)]
     regions = [r for r in regions if r[1] > r[0]]
-    segments = [Segment(tuple(range(k)), conv.messages[0].role, False, (0, head)),
-                Segment((k,), "assistant", True, (head, len(text)))]
+    segments = [Segment(tuple(range(k)), conv.messages[0].role, False, (0, head))] if k else []
+    segments.append(Segment((k,), "assistant", True, (head, len(text))))
     return _tokenized(renderer, text, len(context), regions, segments, conv.index, prompt_len)
 
 
@@ -327,7 +337,7 @@ def _tokenized(renderer, text: str, cut: int, regions, segments, row: int, promp
     for s, seg in enumerate(segments):
         where = np.flatnonzero(region_segment == s)
         seg.token_span = (int(where[0]), int(where[-1]) + 1) if len(where) else (0, 0)
-    prompt_tokens = segments[1].token_span[0] if prompt_len else 0
+    prompt_tokens = segments[-1].token_span[0] if prompt_len else 0
     out = Rendered(ids, trainable, text, offsets, segments, row, prompt_tokens)
     if out.num_trainable == 0:
         raise RecordError(row, "no trainable tokens in a rebuilt turn", segments[-1].messages[0])
