@@ -105,23 +105,55 @@ def _render_mode(renderer, conv: Conversation, prompt_len: int, memo: dict | Non
     return render_per_turn(renderer, conv, prompt_len, memo)
 
 
-def _first_inexact_turn(renderer, conv: Conversation, part: Rendered, cache: dict | None = None) -> int | None:
+def _first_inexact_turn(renderer, conv: Conversation, part: Rendered) -> int | None:
     """The first trained assistant message of `part` whose preceding tokens are not exactly its generation
-    context's tokens (`generation_context`: what the rollout fed the policy), or None. `cache` keeps the
-    context ids per message across the greedy grouping of one trajectory."""
-    msgs = [m.to_template() for m in conv.messages]
-    cache = {} if cache is None else cache
+    context's tokens (what `generation_context` gives the rollout), or None."""
+    msgs = None
+    added = renderer.__dict__.get("_added_ids")
+    if added is None:  # the tokenizer's added tokens, read once (building the decoder map is not free)
+        added = renderer.__dict__["_added_ids"] = _added_token_ids(renderer.tokenizer)
     for seg in part.segments:
         k = seg.messages[0]
         if not seg.trained or conv.messages[k].role != "assistant":
             continue
         run = np.flatnonzero(part.trainable[seg.token_span[0]: seg.token_span[1]])
         start = seg.token_span[0] + (int(run[0]) if len(run) else 0)
-        if k not in cache:
-            cache[k] = renderer.generation_context(msgs[:k], conv.tools)[1]
-        if part.input_ids[:start].tolist() != cache[k]:
+        at = seg.char_span[0]
+        if renderer.generation_prompt and part.text.startswith(renderer.generation_prompt, at):
+            boundary = at + len(renderer.generation_prompt)  # as `ChatRenderer._header_end` finds it
+        else:
+            msgs = msgs or [m.to_template() for m in conv.messages]
+            boundary = len(renderer.apply_template(msgs[:k], conv.tools, True))
+        if not _same_tokens_up_to(renderer, part, start, boundary, added):
             return k
     return None
+
+
+def _same_tokens_up_to(renderer, part: Rendered, start: int, boundary: int, added: frozenset) -> bool:
+    """Do part.input_ids[:start] equal the tokens of part.text[:boundary] tokenized alone?
+
+    Only the stretch after the last added token before the boundary is re-tokenized: fast tokenizers split
+    added tokens (`<|im_start|>`, `<|eot_id|>`, ...) out of the text before anything else, so what precedes
+    one is tokenized identically with or without the text that follows."""
+    if start >= len(part) or part.offsets[start][0] != boundary or (start and part.offsets[start - 1][1] > boundary):
+        return False  # a token straddles the boundary (or the turn's first token does not start there)
+    ids = part.input_ids
+    anchor = next((t for t in range(start - 1, -1, -1) if int(ids[t]) in added), None)
+    if anchor is None:
+        window_ids, window_text = ids[:start], part.text[:boundary]
+    else:
+        window_ids, window_text = ids[anchor:start], part.text[int(part.offsets[anchor][0]):boundary]
+    backend = getattr(renderer.tokenizer, "_tokenizer", None)  # the Rust tokenizer: no per-call Python overhead
+    if backend is not None and hasattr(backend, "encode"):
+        again = backend.encode(window_text, add_special_tokens=False).ids
+    else:
+        again = renderer.tokenizer(window_text, add_special_tokens=False)["input_ids"]
+    return list(again) == window_ids.tolist()
+
+
+def _added_token_ids(tokenizer) -> frozenset:
+    decoder = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    return frozenset(int(i) for i in decoder)
 
 
 def _warn_dropped_reasoning(renderer, conv: Conversation, out) -> None:
@@ -154,9 +186,9 @@ def render_per_turn(renderer, conv: Conversation, prompt_len: int = 0, memo: dic
     if not trained:
         raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
     last_assistant = max((k for k in trained if conv.messages[k].role == "assistant"), default=-1)
-    parts, i, contexts = [], 0, {}
+    parts, i = [], 0
     group = functools.partial(_exact_group, renderer, conv, trained, prompt_len=prompt_len, memo=memo,
-                              last_assistant=last_assistant, contexts=contexts)
+                              last_assistant=last_assistant)
     while i < len(trained):
         part = group(i, i + 1)
         if part is None:
@@ -179,14 +211,14 @@ def _is_whole(part: Rendered, conv: Conversation) -> bool:
     return part.segments[-1].messages[-1] == len(conv.messages) - 1
 
 
-def _exact_group(renderer, conv, trained, i, j, *, prompt_len, memo, last_assistant, contexts) -> Rendered | None:
+def _exact_group(renderer, conv, trained, i, j, *, prompt_len, memo, last_assistant) -> Rendered | None:
     """The group trained[i:j] as one sequence, or None if the template rewrites inside it or a turn's
     preceding tokens are not exactly its generation context."""
     try:
         part = _render_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant)
     except (TemplateRewrite, NoEndOfTurn):
         return None
-    return part if _first_inexact_turn(renderer, conv, part, contexts) is None else None
+    return part if _first_inexact_turn(renderer, conv, part) is None else None
 
 
 def _render_group(renderer, conv, trained, i, j, prompt_len, memo, last_assistant) -> Rendered:
