@@ -25,7 +25,7 @@ from mtpo.data import RecordError, parse_conversation, parse_pair
 from mtpo.logprobs import sequence_logps
 from mtpo.prepare import add_mismatched, fit_length, prepare_labeled, prepare_pairs
 from mtpo.render import ChatRenderer, RenderOptions
-from mtpo.render_turns import TurnSequences, sequences
+from mtpo.render_turns import TurnSequences, sequences, trained_turns
 from mtpo.trainers.parallel import batch_examples, first_examples
 
 from conftest import read_template
@@ -97,6 +97,8 @@ def test_rollout_contexts_equal_trainer_contexts(tok, qwen3):
     turns = [k for k, m in enumerate(msgs) if m["role"] == "assistant"]
     runs = [(p, s, e) for p in out.parts for s, e in _turn_runs(p)]
     assert len(runs) == len(turns)
+    assert [(k, part, start) for k, part, start, _ in trained_turns(out)] == [(k, p, s) for k, (p, s, _) in
+                                                                            zip(turns, runs)]
     for k, (part, start, end) in zip(turns, runs):
         _, context = qwen3.generation_context(msgs[:k])
         assert part.input_ids[:start].tolist() == context

@@ -80,6 +80,20 @@ def sequences(r) -> list[Rendered]:
     return r.parts if isinstance(r, TurnSequences) else [r]
 
 
+def trained_turns(rendered) -> list[tuple[int, Rendered, int, int]]:
+    """(message index, sequence, first trained token, segment end) of every trained message, in order:
+    `sequence.input_ids[:first]` is the context the turn is scored in (for an assistant turn: exactly its
+    `generation_context` tokens). For consumers that check rollouts against training (mtpo.agent.rollout)."""
+    out = []
+    for part in sequences(rendered):
+        for seg in part.segments:
+            if seg.trained:
+                a, b = seg.token_span
+                run = np.flatnonzero(part.trainable[a:b])
+                out.append((seg.messages[0], part, a + (int(run[0]) if len(run) else 0), b))
+    return out
+
+
 def render_trajectory(renderer, conv: Conversation, prompt_len: int = 0, memo: dict | None = None):
     """`renderer.render` (one sequence) or per-turn parts, per `renderer.options.render_mode`."""
     out = _render_mode(renderer, conv, prompt_len, memo)
