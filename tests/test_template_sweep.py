@@ -4,13 +4,16 @@ against what the policy generated in each turn's context — computed independen
 Tokenizer: the real Qwen vocabulary (tests/qwen_vocab.py) with the control strings of all the templates
 added (special tokens; `<think>`-style tags as plain added tokens), bos/eos set per template.
 
-The oracle uses token lists only (no offsets, no regions): for each assistant message k,
+The oracle uses token lists and text prefixes only (no offsets, no regions): for each assistant message k,
     context  = tokenize(render(messages[:k], add_generation_prompt=True))   — what the policy saw
-    produced = tokenize(render(messages[:k+1]))[len(context):], up to its last special token
-               (the end of turn), when the template's rendering of the turn continues the context;
-               otherwise (the generation prompt prefills text the history drops, DeepSeek's "<think>\\n")
-               tokenize(context text + content as generated, minus the prefill)[len(context):] + the
-               special token closing the template's rendering of the turn.
+    produced = tokenize(render(messages[:k+1]))[len(context):] when those token lists continue each other;
+               tokenize(render(messages[:k+1])[len(context text):]) when only the text does (a token
+               would merge across the boundary: the policy saw `context` and wrote the rest);
+               otherwise (the generation prompt prefills text the history drops, DeepSeek's "<think>\n")
+               tokenize(content as generated, minus the prefill) + the special token closing the
+               template's rendering of the turn;
+    cut after its last special token (the end of turn); with none (GLM-4.x) + the special token the
+    template opens the next message with (what the policy emitted to stop), nothing for the last turn.
 mtpo must give, turn by turn in order, trained runs whose preceding tokens are exactly `context` and whose
 tokens are exactly `produced` — whether it scores one sequence or one per turn (group).
 """
@@ -192,6 +195,10 @@ def trained_runs(rendered) -> list[tuple[list[int], list[int]]]:
 
 def test_sweep_covers_every_text_template():
     assert len(TEMPLATES) >= 35, TEMPLATES
+    listed = set(REFUSED) | set(UNRENDERABLE)
+    assert {name for name, _ in listed} <= set(TEMPLATES) and not set(REFUSED) & set(UNRENDERABLE)
+    # every research-format conversation is trained exactly; 4 tool-role ones are refused, 6 unrenderable
+    assert all(kind == "tool" for _, kind in listed) and (len(REFUSED), len(UNRENDERABLE)) == (4, 6)
 
 
 @pytest.mark.parametrize("kind", list(CONVERSATIONS))
