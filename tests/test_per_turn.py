@@ -347,3 +347,11 @@ def test_prefilled_think_is_rebuilt_or_refused(tok):
     with pytest.raises(RecordError, match=r"^row 2, message 3: cannot rebuild .* opens <think> and the content does "
                                           r"not close it"):
         r.render_trajectory(parse_conversation({"messages": msgs}, 2))
+
+
+def test_prepare_counts_per_turn_rows(tok, qwen3, caplog):
+    rows = pair_rows(2) + [{"chosen": thinking_trajectory(5, rounds=0), "rejected": thinking_trajectory(5, False, 0)}]
+    with caplog.at_level(logging.INFO, logger="mtpo"):
+        examples, _ = prepare_pairs(rows, qwen3)
+    assert not isinstance(examples[2].chosen, TurnSequences)  # one turn: nothing rewritten, one sequence
+    assert any("4 trajectories scored per turn as 12 sequences" in r.getMessage() for r in caplog.records)

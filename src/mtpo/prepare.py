@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from mtpo.data import (Conversation, LabeledTrajectory, RecordError, pairs_to_labeled, parse_conversation,
                        parse_labeled, parse_pair)
 from mtpo.render import ChatRenderer, Rendered
+from mtpo.render_turns import per_turn_count
 
 logger = logging.getLogger(__name__)
 TRUNCATION_MODES = ("drop", "keep_start")
@@ -108,6 +109,10 @@ def _run(rows: list[dict], build: Callable, report: SkipReport, invalid_rows: st
             example.position = position
     report.kept = report.total - report.skipped
     logger.info("%s: %s", desc, report.summary())
+    per_turn, seqs = per_turn_count(out)
+    if per_turn:
+        logger.info("%s: %d trajectories scored per turn as %d sequences (their template rewrites history; "
+                    "see render_mode)", desc, per_turn, seqs)
     return out
 
 

@@ -75,6 +75,16 @@ class TurnSequences:
         return TurnSequences(kept, self.index)
 
 
+def per_turn_count(examples) -> tuple[int, int]:
+    """(trajectories scored per turn, their sequences) among prepared examples (pairs, labeled, plain)."""
+    trajectories, seqs = 0, 0
+    for e in examples:
+        for r in (getattr(e, "chosen", None), getattr(e, "rejected", None), getattr(e, "completion", None), e):
+            if isinstance(r, TurnSequences):
+                trajectories, seqs = trajectories + 1, seqs + len(r.parts)
+    return trajectories, seqs
+
+
 def sequences(r) -> list[Rendered]:
     """The sequences one trajectory is scored as: [r] for a single sequence, else its parts."""
     return r.parts if isinstance(r, TurnSequences) else [r]
