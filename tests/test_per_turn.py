@@ -355,3 +355,13 @@ def test_prepare_counts_per_turn_rows(tok, qwen3, caplog):
         examples, _ = prepare_pairs(rows, qwen3)
     assert not isinstance(examples[2].chosen, TurnSequences)  # one turn: nothing rewritten, one sequence
     assert any("4 trajectories scored per turn as 12 sequences" in r.getMessage() for r in caplog.records)
+
+
+def test_a_template_without_end_of_turn_is_still_refused(tok):
+    """Only templates that stop a turn with the next role tag (GLM) may leave the final turn without a stop
+    token; a template that writes no end of turn at all is an error, per turn as in one sequence."""
+    tpl = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    r = ChatRenderer(tok, RenderOptions(chat_template=tpl))
+    msgs = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}]
+    with pytest.raises(RecordError, match=r"^row 3, message 1: none of the end-of-turn texts"):
+        r.render_trajectory(parse_conversation({"messages": msgs}, 3))

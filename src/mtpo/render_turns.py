@@ -350,8 +350,8 @@ def _next_tag(renderer, conv: Conversation, msgs: list[dict], k: int, history: s
     """The control token the template opens message k + 1 with ("" when k is the last message), or None.
     Read off a probe where message k is a plain answer, so a template that rewrites message k once another
     follows (GLM drops its reasoning) still shows where the next message starts."""
-    if k + 1 >= len(msgs):
-        return ""
+    if k + 1 >= len(msgs):  # the final turn: no stop token to train, if the template does stop turns this way
+        return "" if _stops_with_next_tag(renderer, conv) else None
     plain = {key: v for key, v in msgs[k].items() if key not in _REASONING_KEYS}
     probe = msgs[:k] + [{**plain, "content": _PROBE}] + msgs[k + 1: k + 2]
     before = _strip_closing(renderer, renderer._apply(probe[: k + 1], conv, False))
@@ -359,6 +359,23 @@ def _next_tag(renderer, conv: Conversation, msgs: list[dict], k: int, history: s
     special = renderer._special_re
     hit = special.match(after, len(before)) if special is not None and after.startswith(before) else None
     return hit.group(0) if hit else None
+
+
+def _stops_with_next_tag(renderer, conv: Conversation) -> bool:
+    """Does the template end an assistant turn by opening the next message with a control token (GLM-4.x)?
+    Probed once on [user, assistant, user]; otherwise a turn without end-of-turn text is an error."""
+    if "_stops_with_next_tag" not in renderer.__dict__:
+        probe = [{"role": "user", "content": "MTPO_PROBE_QUESTION"}, {"role": "assistant", "content": _PROBE},
+                 {"role": "user", "content": "MTPO_PROBE_QUESTION"}]
+        try:
+            before = _strip_closing(renderer, renderer.apply_template(probe[:2], None, False))
+            after = _strip_closing(renderer, renderer.apply_template(probe, None, False))
+        except Exception:  # a template that refuses the probe: no evidence
+            before, after = "", None
+        special = renderer._special_re
+        renderer.__dict__["_stops_with_next_tag"] = bool(
+            after is not None and special is not None and after.startswith(before) and special.match(after, len(before)))
+    return renderer.__dict__["_stops_with_next_tag"]
 
 
 def _unreconstructable(prefill: str, raw: str, body: str, reasoning, history: str) -> str | None:
