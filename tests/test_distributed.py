@@ -337,6 +337,55 @@ def test_kto_kl_baseline_is_global_and_identical_on_every_process(single, multi)
     assert any(z > 0 for z in one["kl_baselines"]), "z0 clamped to 0 at every step: the comparison is vacuous"
 
 
+@pytest.fixture(scope="module")
+def per_turn(workdir):
+    """DPO with Qwen3's own template (drops earlier reasoning): rows are scored per turn (several sequences
+    per trajectory, `seq_owner` in every batch). One process × 4 vs two × 2, like the runs above."""
+    from conftest import read_template
+
+    template = workdir / "qwen3.jinja"
+    template.write_text(read_template("qwen3"), encoding="utf-8")
+    rows = []
+    for name in ("dpo_train.jsonl", "dpo_eval.jsonl"):
+        rows = [json.loads(x) for x in (workdir / name).read_text(encoding="utf-8").splitlines()]
+        for row in rows:  # give every assistant turn Qwen3-style reasoning, kept as generated
+            for side in ("chosen", "rejected"):
+                if isinstance(row.get(side), list):
+                    for m in row[side]:
+                        if m.get("role") == "assistant":
+                            m["content"] = f"<think>\nLet me think about {side}.\n</think>\n\n" + m["content"]
+        _write_jsonl(workdir / f"per_turn_{name}", rows)
+    jobs = {}
+    for run, world, per_device in (("1x4", 1, 4), ("2x2", 2, 2)):
+        job = _job("dpo", workdir, f"per-turn-{run}", per_device)
+        job["config"].update(chat_template=str(template), train_data=str(workdir / "per_turn_dpo_train.jsonl"),
+                             eval_data=str(workdir / "per_turn_dpo_eval.jsonl"))
+        _launch(workdir, f"per-turn-{run}", world, [job])
+        jobs[run] = [_result(job, rank) for rank in range(world)]
+    return jobs
+
+
+@pytest.mark.skipif("dpo" not in TRAINERS, reason="DPO trainer not present")
+def test_per_turn_rows_train_identically_on_two_processes(per_turn, initial_weights, workdir):
+    from transformers import AutoTokenizer
+
+    from mtpo.data import parse_pair
+    from mtpo.render import ChatRenderer, RenderOptions
+    from mtpo.render_turns import TurnSequences
+
+    renderer = ChatRenderer(AutoTokenizer.from_pretrained(TINY),
+                            RenderOptions(chat_template=(workdir / "qwen3.jinja").read_text(encoding="utf-8")))
+    rows = [json.loads(x) for x in (workdir / "per_turn_dpo_train.jsonl").read_text(encoding="utf-8").splitlines()]
+    multi_turn = [r for r in rows if isinstance(r.get("chosen"), list) and len(r["chosen"]) > 2][:3]
+    assert multi_turn and all(isinstance(renderer.render_pair(parse_pair(r, 0))[0], TurnSequences) for r in multi_turn)
+    (one,), (rank0, rank1) = per_turn["1x4"], per_turn["2x2"]
+    _assert_logs_match(_logs(rank0), _logs(one), "per-turn DPO, 2 processes vs 1")
+    _assert_weights_match(_weights(rank0), _weights(one), initial_weights)
+    for split in ("train", "eval"):
+        for position, values in one["ref_logps"][split].items():
+            assert rank0["ref_logps"][split][position] == pytest.approx(values, rel=1e-5, abs=1e-4), (split, position)
+
+
 # ------------------------------------------------------------------------------------------ launchers
 
 

@@ -121,7 +121,7 @@ def test_invalid_rows_skip_counts(rend):
 
 
 def test_template_errors_are_skippable(chatml_tok, template):
-    rend = ChatRenderer(chatml_tok, RenderOptions(chat_template=template("qwen3")))
+    rend = ChatRenderer(chatml_tok, RenderOptions(chat_template=template("qwen3"), render_mode="single"))
     rows = [pair_row([F], [BAD]), pair_row([A, T, F], [BAD])]  # the second rewrites history under qwen3
     with pytest.raises(RecordError, match=r"^row 1, chosen, message 2: chat template is not prefix-stable"):
         prepare_pairs(rows, rend)

@@ -638,7 +638,7 @@ def test_pair_error_names_side(chatml_tok, template):
             {"role": "user", "content": "And 3+4?"}, {"role": "assistant", "content": "7"}]
     pair = parse_pair({"prompt": msgs[:1], "chosen": msgs[1:2], "rejected": msgs[1:]}, 9)
     with pytest.raises(RecordError, match=r"^row 9, rejected, message 2: chat template is not prefix-stable"):
-        renderer(chatml_tok, template("qwen3")).render_pair(pair)
+        renderer(chatml_tok, template("qwen3"), render_mode="single").render_pair(pair)
 
 
 STRADDLE = ("{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }}\n{% else %}"

@@ -6,7 +6,9 @@ what the trainers compute logps over. Three views of the same `Rendered`:
 - text (terminal): trained tokens on a green background, external tokens dimmed. When stdout is
   not a terminal (or NO_COLOR is set) trained runs are wrapped in ⟦ ⟧ instead, so piping to a
   file or `less` still shows exactly what is trained.
-- json: one object per side per row (`input_ids`, `trainable`, `segments`), for other tools.
+- json: one object per side per row (`input_ids`, `trainable`, `segments`), for other tools; a side
+  scored per turn (templates that rewrite history, `mtpo.render_turns`) holds `sequences` instead,
+  and the text and HTML views show each of its sequences: every turn in its own context.
 - html: one self-contained page; hover a token for its index, id and vocabulary string.
 
 In every view control characters stay readable: a newline shows as ↵ followed by a real line
@@ -26,8 +28,9 @@ from collections import Counter
 from dataclasses import dataclass
 
 from mtpo.data import KNOWN_ROLES, RecordError, load_rows, parse_conversation, parse_labeled, parse_pair
-from mtpo.render import END_OF_TURN_MODES, ChatRenderer, Rendered, RenderOptions, make_renderer
+from mtpo.render import END_OF_TURN_MODES, RENDER_MODES, ChatRenderer, Rendered, RenderOptions, make_renderer
 from mtpo.render_mistral import is_mistral_common, mistral_format
+from mtpo.render_turns import sequences
 
 KINDS = ("pair", "labeled", "conversation")
 _DEFAULT_ROWS = -1  # --rows not given: 5 rows to show, every row to verify
@@ -83,7 +86,7 @@ def render_row(row: dict, index: int, kind: str, renderer: ChatRenderer) -> list
         traj = parse_labeled(row, index)
         return [Side("completion", renderer.render_labeled(traj), traj.label)]
     conv = parse_conversation(row, index)
-    return [Side("messages", renderer.render(conv), conv.label)]
+    return [Side("messages", renderer.render_trajectory(conv), conv.label)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,35 +191,57 @@ def _messages(msgs) -> str:
     return f"m{msgs[0]}" if len(msgs) == 1 else f"m{msgs[0]}-{msgs[-1]}"
 
 
-def summary(side: Side) -> str:
+def views(side: Side) -> list[tuple[str, Rendered]]:
+    """(title, sequence) of each sequence a side is scored as: one, or one per turn group when the template
+    rewrites history (`mtpo.render_turns`: each turn shown in the context it was generated in)."""
+    parts = sequences(side.rendered)
+    if len(parts) == 1 and parts[0] is side.rendered:
+        return [(side.name, parts[0])]
+    return [(f"{side.name} [turn sequence {i + 1}/{len(parts)}]", p) for i, p in enumerate(parts)]
+
+
+def summary(side: Side, title: str | None = None, r: Rendered | None = None) -> str:
     """One line: tokens, trainable tokens, and every segment (messages, role, token span, trained?)."""
-    r = side.rendered
+    r = side.rendered if r is None else r
     label = "" if side.label is None else f" (label={str(side.label).lower()})"
     segs = " ".join(f"[{_messages(s.messages)} {s.role} {s.token_span[0]}:{s.token_span[1]} "
                     f"{'TRAINED' if s.trained else 'external'}]" for s in r.segments)
-    return f"{side.name}{label}: {len(r)} tokens, {r.num_trainable} trainable | segments: {segs}"
+    return f"{title or side.name}{label}: {len(r)} tokens, {r.num_trainable} trainable | segments: {segs}"
+
+
+def _sequence_record(r: Rendered) -> dict:
+    return dict(input_ids=r.input_ids.tolist(), trainable=r.trainable.astype(int).tolist(), num_tokens=len(r),
+                num_trainable=r.num_trainable,
+                segments=[{"messages": list(s.messages), "role": s.role, "token_span": list(s.token_span),
+                           "trained": s.trained} for s in r.segments])
 
 
 def side_record(row: int, side: Side) -> dict:
-    """The JSON object for one side of one row (what `--format json` prints, one per line)."""
-    r = side.rendered
+    """The JSON object for one side of one row (what `--format json` prints, one per line). A side scored
+    per turn has `sequences`: one object per sequence (input_ids, trainable, segments) in turn order."""
     rec: dict = {"row": row, "side": side.name}
     if side.label is not None:
         rec["label"] = side.label
-    rec.update(input_ids=r.input_ids.tolist(), trainable=r.trainable.astype(int).tolist(), num_tokens=len(r),
-               num_trainable=r.num_trainable,
-               segments=[{"messages": list(s.messages), "role": s.role, "token_span": list(s.token_span),
-                          "trained": s.trained} for s in r.segments])
+    parts = sequences(side.rendered)
+    if len(parts) == 1 and parts[0] is side.rendered:
+        rec.update(_sequence_record(side.rendered))
+    else:
+        rec.update(mode="per_turn", num_tokens=sum(len(p) for p in parts), num_trainable=side.rendered.num_trainable,
+                   sequences=[_sequence_record(p) for p in parts])
     return rec
 
 
 def _html_side(side: Side, tokenizer) -> str:
-    r, esc = side.rendered, html.escape
+    return "".join(_html_sequence(side, title, r, tokenizer) for title, r in views(side))
+
+
+def _html_sequence(side: Side, title: str, r: Rendered, tokenizer) -> str:
+    esc = html.escape
     rows = "".join(f"<tr><td>{esc(_messages(s.messages))}</td><td>{esc(s.role)}</td>"
                    f"<td>{s.token_span[0]}:{s.token_span[1]}</td><td>{'trained' if s.trained else 'external'}</td></tr>"
                    for s in r.segments)
     label = "" if side.label is None else f" — label={str(side.label).lower()}"
-    return (f"<h3>{esc(side.name + label)}</h3><p>{len(r)} tokens, {r.num_trainable} trainable</p>"
+    return (f"<h3>{esc(title + label)}</h3><p>{len(r)} tokens, {r.num_trainable} trainable</p>"
             f'<table class="segs"><tr><th>messages</th><th>role</th><th>tokens</th><th>loss</th></tr>{rows}</table>'
             + colorize(r, tokenizer, "html"))
 
@@ -268,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train the end-of-turn token of every assistant turn, the last one, or none")
     p.add_argument("--trainable-roles", type=_roles_arg, default=("assistant",), metavar="ROLES",
                    help="comma-separated roles whose messages are trained (default assistant)")
+    p.add_argument("--render-mode", choices=RENDER_MODES, default="auto",
+                   help="auto: one sequence where the template is prefix-stable, else each assistant turn in its own "
+                   "generation context (per_turn); or force single / per_turn")
     p.add_argument("--kind", choices=("auto",) + KINDS, default="auto",
                    help="row format (auto: chosen+rejected → pair; label → labeled; messages → conversation)")
     p.add_argument("--verify", action="store_true",
@@ -322,7 +350,7 @@ def _setup(args, parser) -> tuple[ChatRenderer, list[dict], str]:
         if not (template or getattr(tokenizer, "chat_template", None) or is_mistral_common(tokenizer)):
             raise ValueError("has no chat template; give one with --chat-template FILE")
         options = RenderOptions(trainable_roles=args.trainable_roles, end_of_turn=args.end_of_turn,
-                                chat_template=template)
+                                chat_template=template, render_mode=args.render_mode)
         renderer = make_renderer(tokenizer, options)
     except Exception as e:
         raise ValueError(f"tokenizer {args.tokenizer}: {e}") from None
@@ -397,7 +425,8 @@ def _show_rows(args, rows: list[dict], kind: str, renderer: ChatRenderer) -> lis
         else:
             out.write(f"=== row {i} ({kind}) ===\n")
             for side in sides:
-                text = colorize(side.rendered, tok, style)
-                out.write(f"--- {summary(side)}\n{text}{'' if text.endswith(chr(10)) else chr(10)}\n")
+                for title, r in views(side):
+                    text = colorize(r, tok, style)
+                    out.write(f"--- {summary(side, title, r)}\n{text}{'' if text.endswith(chr(10)) else chr(10)}\n")
     out.flush()
     return results

@@ -56,6 +56,7 @@ class MTPOOptions:
     trainable_roles: list[str] = field(default_factory=lambda: ["assistant"], metadata={"help": "Roles the policy generated."})
     end_of_turn: str = field(default="every", metadata={"help": "Train the end-of-turn token on every / last / none turn."})
     end_of_turn_text: list[str] = field(default_factory=list, metadata={"help": "End-of-turn strings (default: detected)."})
+    render_mode: str = field(default="auto", metadata={"help": "auto: one sequence per trajectory where the template is prefix-stable, else each assistant turn in its own generation context (per_turn); or force single / per_turn."})
     verify_masks: int = field(default=16, metadata={"help": "Check the masks of the first N training rows with an independent method (token-prefix differences) before training; a disagreement stops. 0: off."})
     # --- compute
     logprob_chunk_size: int | None = field(default=None, metadata={"help": "Rows through the LM head at once. Unset: sized by device and vocabulary (rows × V ≤ 2^25 logits on CPU, 2^27 on GPU). A number: at most that many (rows × V ≤ 2^27)."})
@@ -75,12 +76,13 @@ class MTPOOptions:
         """Value checks; also run on a light instance (before torch is imported), where the
         `TrainingArguments` values given in the config are plain attributes (absent ones: defaults)."""
         from mtpo.prepare import INVALID_ROW_MODES, TRUNCATION_MODES  # tqdm: not needed for --help
-        from mtpo.render import END_OF_TURN_MODES
+        from mtpo.render import END_OF_TURN_MODES, RENDER_MODES
 
         _one_of("dtype", self.dtype, DTYPES)
         _one_of("truncation", self.truncation, TRUNCATION_MODES)
         _one_of("invalid_rows", self.invalid_rows, INVALID_ROW_MODES)
         _one_of("end_of_turn", self.end_of_turn, END_OF_TURN_MODES)
+        _one_of("render_mode", self.render_mode, RENDER_MODES)
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be at least 2, got {self.max_length}")
         if not 0 <= self.max_skipped_fraction <= 1:
@@ -106,7 +108,8 @@ class MTPOOptions:
         if self.chat_template:
             with open(self.chat_template, encoding="utf-8") as f:
                 template = f.read()
-        return RenderOptions(tuple(self.trainable_roles), self.end_of_turn, tuple(self.end_of_turn_text), template)
+        return RenderOptions(tuple(self.trainable_roles), self.end_of_turn, tuple(self.end_of_turn_text), template,
+                             render_mode=self.render_mode)
 
     def check_paths(self) -> None:
         """Missing local files fail here, before any model is loaded."""

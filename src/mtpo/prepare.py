@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from mtpo.data import (Conversation, LabeledTrajectory, RecordError, pairs_to_labeled, parse_conversation,
                        parse_labeled, parse_pair)
 from mtpo.render import ChatRenderer, Rendered
+from mtpo.render_turns import per_turn_count
 
 logger = logging.getLogger(__name__)
 TRUNCATION_MODES = ("drop", "keep_start")
@@ -74,7 +75,8 @@ class LabeledExample:
 
 
 def fit_length(r: Rendered, max_length: int | None, truncation: str) -> tuple[Rendered | None, str | None]:
-    """Apply the truncation policy; returns (rendered or None, reason it was dropped)."""
+    """Apply the truncation policy; returns (rendered or None, reason it was dropped). Per-turn
+    trajectories (`render_turns.TurnSequences`) fit when each of their sequences does."""
     if max_length is None or len(r) <= max_length:
         return r, None
     if truncation == "drop":
@@ -107,6 +109,10 @@ def _run(rows: list[dict], build: Callable, report: SkipReport, invalid_rows: st
             example.position = position
     report.kept = report.total - report.skipped
     logger.info("%s: %s", desc, report.summary())
+    per_turn, seqs = per_turn_count(out)
+    if per_turn:
+        logger.info("%s: %d trajectories scored per turn as %d sequences (their template rewrites history; "
+                    "see render_mode)", desc, per_turn, seqs)
     return out
 
 
@@ -246,7 +252,7 @@ def prepare_conversations(rows: list[dict], renderer: ChatRenderer, max_length: 
         conv = parse_conversation(row, i)
         if keep is not None and not keep(conv):
             return None, "filtered out (label/score)"
-        return fit_length(renderer.render(conv), max_length, truncation)
+        return fit_length(renderer.render_trajectory(conv), max_length, truncation)
 
     return _run(rows, build, report, invalid_rows, "rendering conversations"), report
 

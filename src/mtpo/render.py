@@ -30,6 +30,7 @@ import numpy as np
 from mtpo.data import Conversation, LabeledTrajectory, Message, PreferencePair, RecordError
 
 END_OF_TURN_MODES = ("every", "last", "none")
+RENDER_MODES = ("auto", "single", "per_turn")
 _PROBE_USER, _PROBE_ASSISTANT = "MTPO_PROBE_QUESTION", "MTPO_PROBE_ANSWER"
 
 
@@ -43,10 +44,15 @@ class RenderOptions:
     """End-of-turn strings to look for; empty = detect from the chat template (plus eos_token)."""
     chat_template: str | None = None
     """Chat template text overriding the tokenizer's own."""
+    render_mode: str = "auto"
+    """`single`: one sequence per trajectory; `per_turn`: each assistant turn in the context the policy saw
+    (mtpo.render_turns); `auto`: single where the template is prefix-stable for the row, else per turn."""
 
     def __post_init__(self):
         if self.end_of_turn not in END_OF_TURN_MODES:
             raise ValueError(f"end_of_turn must be one of {END_OF_TURN_MODES}, got {self.end_of_turn!r}")
+        if self.render_mode not in RENDER_MODES:
+            raise ValueError(f"render_mode must be one of {RENDER_MODES}, got {self.render_mode!r}")
         object.__setattr__(self, "trainable_roles", tuple(self.trainable_roles))
         eot = self.end_of_turn_text
         object.__setattr__(self, "end_of_turn_text", (eot,) if isinstance(eot, str) else tuple(eot))
@@ -92,6 +98,16 @@ class Rendered:
                     for s in self.segments if s.token_span[0] < max_length]
         return Rendered(self.input_ids[:max_length], self.trainable[:max_length], self.text,
                         self.offsets[:max_length], segments, self.index, min(self.prompt_tokens, max_length))
+
+
+class TemplateRewrite(RecordError):
+    """The template renders an earlier part of the conversation differently once more turns follow (or its
+    generation prompt differs from how it renders the turn): one sequence cannot hold every turn's context."""
+
+
+class NoEndOfTurn(RecordError):
+    """An assistant turn, rendered within the conversation, holds none of the end-of-turn texts (GLM-4.x:
+    the turn ends with the next role tag, written as the next message's header). Per-turn scoring handles it."""
 
 
 class ChatRenderer:
@@ -162,7 +178,7 @@ class ChatRenderer:
             return start + len(self.generation_prompt)
         head_end = self._prefix_end(prefix(k, True), text, row, k, "the generation prompt")
         if head_end < start:
-            raise RecordError(row, "generation prompt is shorter than the previous turns", k)
+            raise TemplateRewrite(row, "generation prompt is shorter than the previous turns", k)
         return head_end
 
     def _detect_end_of_turn(self, probe: dict) -> tuple[str, ...]:
@@ -224,14 +240,21 @@ class ChatRenderer:
             raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
         return out
 
+    def render_trajectory(self, conv: Conversation, prompt_len: int = 0, _memo: dict | None = None):
+        """`render`, or per-turn sequences (`mtpo.render_turns.TurnSequences`) per `render_mode`."""
+        from mtpo.render_turns import render_trajectory
+
+        return render_trajectory(self, conv, prompt_len, _memo)
+
     def render_pair(self, pair: PreferencePair) -> tuple[Rendered, Rendered]:
         """Render both sides; the shared prompt is rendered once and must tokenize identically."""
         memo: dict = {}
         n = len(pair.prompt)
         chosen = self._side(pair.chosen_conversation(), n, memo, "chosen")
         rejected = self._side(pair.rejected_conversation(), n, memo, "rejected")
-        p = chosen.prompt_tokens
-        if rejected.prompt_tokens != p or not np.array_equal(chosen.input_ids[:p], rejected.input_ids[:p]):
+        first_c, first_r = getattr(chosen, "parts", [chosen])[0], getattr(rejected, "parts", [rejected])[0]
+        p = first_c.prompt_tokens
+        if first_r.prompt_tokens != p or not np.array_equal(first_c.input_ids[:p], first_r.input_ids[:p]):
             raise RecordError(pair.index, "chosen and rejected prompts tokenize differently")
         return chosen, rejected
 
@@ -240,10 +263,10 @@ class ChatRenderer:
 
     def _side(self, conv: Conversation, prompt_len: int, memo, side: str) -> Rendered:
         try:
-            return self.render(conv, prompt_len, memo)
+            return self.render_trajectory(conv, prompt_len, memo)
         except RecordError as e:
             if e.side is None:  # add which side of the row failed
-                raise RecordError(e.row, str(e).split(": ", 1)[1], e.message, side) from None
+                raise type(e)(e.row, str(e).split(": ", 1)[1], e.message, side) from None
             raise
 
     # ---------------------------------------------------------------- steps
@@ -299,9 +322,10 @@ class ChatRenderer:
     def _prefix_end(prefix_text: str, text: str, row: int, k: int, what: str = "") -> int:
         if not text.startswith(prefix_text):
             what = f"the conversation up to here + {what}" if what else "the conversation up to here"
-            raise RecordError(row, f"chat template is not prefix-stable: rendering {what} is not a prefix of the "
-                              "whole conversation (the template rewrites earlier turns; use a training template "
-                              "that keeps history, e.g. via `chat_template`)", k)
+            raise TemplateRewrite(row, f"chat template is not prefix-stable: rendering {what} is not a prefix of the "
+                              "whole conversation (the template rewrites earlier turns; render_mode: auto or "
+                              "per_turn scores each turn in its own context, or use a training template that keeps "
+                              "history via `chat_template`)", k)
         return len(prefix_text)
 
     def _assistant_body_end(self, text, head_end, end, row, k, is_last):
@@ -316,7 +340,7 @@ class ChatRenderer:
                 best = at, eot
         at, eot = best
         if at < 0:
-            raise RecordError(row, f"none of the end-of-turn texts {list(self.end_of_turn_texts)} found after "
+            raise NoEndOfTurn(row, f"none of the end-of-turn texts {list(self.end_of_turn_texts)} found after "
                               "this assistant message; set `end_of_turn_text`", k)
         train_eot = self.options.end_of_turn == "every" or (self.options.end_of_turn == "last" and is_last)
         return head_end + at + (len(eot) if train_eot else 0)

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
+from mtpo.collate import sum_by_owner
 from mtpo.logprobs import sequence_logps
 from mtpo.trainers import parallel
 
@@ -62,8 +63,11 @@ class MTPOTrainer(Trainer):
         # float32; the LM head runs after it, so it needs the same autocast (else a bf16 head meets
         # float32 hidden states, or the head runs in float32 unlike the model's own).
         with self.accelerator.autocast():
-            return sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["trainable"],
-                                  chunk_size=self.args.logprob_chunk_size)
+            logps, counts = sequence_logps(model, inputs["input_ids"], inputs["attention_mask"], inputs["trainable"],
+                                           chunk_size=self.args.logprob_chunk_size)
+        # per-turn trajectories (several sequences each): one value per trajectory = the sum over its sequences
+        owner = inputs.get("seq_owner")
+        return sum_by_owner(logps, owner), sum_by_owner(counts, owner)
 
     @torch.no_grad()
     def reference_logps(self, model, inputs) -> torch.Tensor:

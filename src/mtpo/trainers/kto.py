@@ -91,10 +91,19 @@ class KTOTrainer(MTPOTrainer):
 
 
 def _rows(inputs: dict, rows: slice) -> dict:
-    """input_ids / attention_mask / trainable of some rows, without padding columns none of them uses."""
-    mask = inputs["attention_mask"][rows]  # right-padded
+    """input_ids / attention_mask / trainable of some trajectory rows (all their sequences, with `seq_owner`
+    renumbered from 0 when trajectories are per turn), without padding columns none of them uses."""
+    owner = inputs.get("seq_owner")
+    if owner is None:
+        select = rows
+    else:
+        select = ((owner >= rows.start) & (owner < rows.stop)).nonzero().squeeze(-1)
+    mask = inputs["attention_mask"][select]  # right-padded
     width = int(mask.sum(-1).max())
-    return {k: inputs[k][rows, :width] for k in ("input_ids", "attention_mask", "trainable")}
+    out = {k: inputs[k][select, :width] for k in ("input_ids", "attention_mask", "trainable")}
+    if owner is not None:
+        out["seq_owner"] = owner[select] - rows.start
+    return out
 
 
 # ------------------------------------------------------------------------------------------ data

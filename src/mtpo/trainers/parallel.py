@@ -129,15 +129,27 @@ def real_rows(accelerator, n: int) -> int:
 
 
 def batch_examples(inputs: dict) -> int:
-    """Examples in a collated batch: `idx` is one per example; else the rows of input_ids."""
-    return int(inputs["idx"].shape[0]) if "idx" in inputs else int(inputs["input_ids"].shape[0])
+    """Examples in a collated batch: `idx` is one per example; else the trajectories (SFT): the rows of
+    input_ids, or the owners of its sequences when trajectories are per turn."""
+    if "idx" in inputs:
+        return int(inputs["idx"].shape[0])
+    owner = inputs.get("seq_owner")
+    return int(owner.max()) + 1 if owner is not None else int(inputs["input_ids"].shape[0])
 
 
 def first_examples(inputs: dict, n: int, keep: int) -> dict:
     """The first `keep` of `n` examples of a batch. Tensors hold k stacked blocks of n rows (DPO's
-    [chosen; rejected], KTO's [completions; KL pairs]); each block keeps its first `keep` rows."""
+    [chosen; rejected], KTO's [completions; KL pairs]); each block keeps its first `keep` rows. With
+    `seq_owner` (per-turn trajectories) the sequence tensors keep the sequences of the kept rows."""
     out = {}
+    owner = inputs.get("seq_owner")  # per-turn trajectories: sequence rows follow their owner's fate
+    if owner is not None:
+        keep_seq = (owner % n) < keep
+        out["seq_owner"] = ((owner // n) * keep + owner % n)[keep_seq]
+        out.update({k: inputs[k][keep_seq] for k in ("input_ids", "attention_mask", "trainable") if k in inputs})
     for key, value in inputs.items():
+        if key in out:
+            continue
         if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] % n == 0:
             blocks = value.shape[0] // n
             value = value.reshape(blocks, n, *value.shape[1:])[:, :keep].reshape(blocks * keep, *value.shape[1:])
