@@ -82,7 +82,9 @@ def test_agrees_on_real_templates(family_renderer, end_of_turn):
 @pytest.mark.parametrize("corrupt", [shifted, without_last_token_of_each_run])
 def test_catches_a_wrong_mask(family_renderer, monkeypatch, corrupt):
     make, tools = family_renderer
-    renderer = make()
+    # `single`: in `auto` mode a corrupted `render` is itself noticed (a turn's tokens no longer follow
+    # its generation context) and every turn is rebuilt per turn without it, so nothing wrong is trained
+    renderer = make(render_mode="single")
     rows = family_rows(tools)
     monkeypatch.setattr(ChatRenderer, "render", corrupt(ChatRenderer.render))
     report = verify_rows(rows, renderer)
@@ -92,7 +94,7 @@ def test_catches_a_wrong_mask(family_renderer, monkeypatch, corrupt):
 
 
 def test_first_differing_token_is_named(llama3_tok, template, monkeypatch):
-    renderer = ChatRenderer(llama3_tok, RenderOptions(chat_template=template("llama3")))
+    renderer = ChatRenderer(llama3_tok, RenderOptions(chat_template=template("llama3"), render_mode="single"))
     conv = parse_conversation({"messages": RESEARCH}, 0)
     ids, mask = prefix_diff_mask(renderer, conv)
     first = int(np.flatnonzero(mask)[0])
@@ -111,6 +113,40 @@ def test_boundary_merge_is_reported_as_unverified_not_as_agreement(chatml_tok, t
     report = verify_rows([{"messages": msgs}], renderer)
     assert report.unverified and "not a token prefix" in report.unverified[0].detail
     assert not report.mismatches and report.checked == 1
+
+
+def test_auto_mode_routes_around_a_corrupted_render(llama3_tok, template, monkeypatch):
+    """With `render` corrupted, `auto` scores every turn per turn, rebuilt from its generation context:
+    the masks trained are right, and the check (sequence by sequence) agrees."""
+    renderer = ChatRenderer(llama3_tok, RenderOptions(chat_template=template("llama3")))
+    monkeypatch.setattr(ChatRenderer, "render", shifted(ChatRenderer.render))
+    report = verify_rows(family_rows(False), renderer)
+    assert report.checked == 4 and not report.mismatches and not report.unverified, report.lines()
+
+
+def test_per_turn_side_checked_sequence_by_sequence(chatml_tok, template, monkeypatch):
+    """Qwen3 drops old reasoning: sides are scored per turn; a corrupted per-turn mask is caught."""
+    import mtpo.render_turns as RT
+
+    renderer = ChatRenderer(chatml_tok, RenderOptions(chat_template=template("qwen3")))
+    msgs = [dict(m) for m in research_messages(2)]
+    for m in msgs:
+        if m["role"] == "assistant":
+            m["content"] = "<think>\nlet me think\n</think>\n\n" + m["content"]
+    rows = [{"messages": msgs}]
+    report = verify_rows(rows, renderer)
+    assert report.checked == 1 and not report.mismatches, report.lines()
+    real = RT.render_per_turn
+
+    def corrupted(*a, **k):
+        out = real(*a, **k)
+        last = out.parts[-1]
+        last.trainable = np.concatenate([[False], last.trainable[:-1]])
+        return out
+    monkeypatch.setattr(RT, "render_per_turn", corrupted)
+    report = verify_rows(rows, renderer)
+    assert [f.side for f in report.mismatches] == ["messages"], report.lines()
+    assert "turn sequence" in report.mismatches[0].detail
 
 
 def test_trained_user_message_is_unverified(llama3_tok, template):
@@ -135,14 +171,16 @@ def test_inspect_verify_cli(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert out.startswith("7 trajectories checked: 7 agree, 0 disagree")  # every row, not the 5 shown
     monkeypatch.setattr(ChatRenderer, "render", shifted(ChatRenderer.render))
-    assert inspect_mod.cli([data, "--tokenizer", TINY, "--verify", "--start", "2", "--rows", "3"]) == 1
+    # (`single`: `auto` would route around the corrupted render, see above)
+    assert inspect_mod.cli([data, "--tokenizer", TINY, "--verify", "--start", "2", "--rows", "3",
+                            "--render-mode", "single"]) == 1
     out = capsys.readouterr().out
     assert "3 trajectories checked: 0 agree, 3 disagree" in out
     assert [line.split(":")[0] for line in out.splitlines()[1:]] == [f"MISMATCH row {i}, messages" for i in (2, 3, 4)]
 
 
 def test_check_first_rows_stops_training_data_with_a_wrong_mask(tiny_tok, monkeypatch):
-    renderer = ChatRenderer(tiny_tok)
+    renderer = ChatRenderer(tiny_tok, RenderOptions(render_mode="single"))
     rows = [{"chosen": research_messages(2), "rejected": research_messages(1)}] * 20
     assert check_first_rows(rows, renderer, 4).checked == 8
     assert check_first_rows(rows, renderer, 0) is None
@@ -158,6 +196,6 @@ def test_training_option_runs_before_the_model_loads(tmp_path, capsys, monkeypat
     monkeypatch.setattr(ChatRenderer, "render", shifted(ChatRenderer.render))
     monkeypatch.setattr(setup, "load_models", lambda *a, **k: pytest.fail("model loaded before the mask check"))
     argv = [f"--model_name_or_path={TINY}", f"--train_data={data}", f"--output_dir={tmp_path / 'o'}",
-            "--use_cpu=true", "--report_to=none"]
+            "--use_cpu=true", "--report_to=none", "--render_mode=single"]  # auto routes around it
     assert sft.cli(argv) == 2
     assert "row 0, messages: the trainable mask disagrees" in capsys.readouterr().err

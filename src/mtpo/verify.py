@@ -26,7 +26,7 @@ Used by `mtpo inspect --verify` (every row) and by the trainers' `verify_masks` 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -73,8 +73,12 @@ class VerifyReport:
 # The token-prefix method
 
 
-def prefix_diff_mask(renderer: ChatRenderer, conv: Conversation) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, trainable) of `conv` from token lists of prefix renderings only."""
+def prefix_diff_mask(renderer: ChatRenderer, conv: Conversation, continue_last: bool = True
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, trainable) of `conv` from token lists of prefix renderings only. The last message's
+    end is found by rendering one more turn after it (`continue_last`), or, for a per-turn sequence
+    (which ends with its turn, and whose template may rewrite it once another turn follows), at the
+    end of the rendering less trailing whitespace."""
     tok, msgs, tools = renderer.tokenizer, [m.to_template() for m in conv.messages], conv.tools
     roles = renderer.options.trainable_roles
     trained = [k for k, m in enumerate(conv.messages) if (m.train if m.train is not None else m.role in roles)]
@@ -91,7 +95,7 @@ def prefix_diff_mask(renderer: ChatRenderer, conv: Conversation) -> tuple[np.nda
             raise Unverifiable(f"the generation prompt before message {k} is not a token prefix of the conversation "
                                "(a token merges across the boundary)")
         upto = _ids(renderer, msgs[: k + 1], tools, False)
-        rest = full if k + 1 < len(msgs) else _continued(renderer, msgs, tools, upto)
+        rest = full if k + 1 < len(msgs) else _continued(renderer, msgs, tools, upto) if continue_last else upto
         end = _common_prefix(upto, rest)
         while end > len(head) and full[end - 1] not in special and not tok.decode(full[end - 1: end]).strip():
             end -= 1  # whitespace the template writes after the end-of-turn token
@@ -140,9 +144,40 @@ def _end_of_turn_tokens(renderer, full, start, end, special, k) -> int:
 # Comparing with render.py
 
 
-def compare(renderer: ChatRenderer, conv: Conversation, rendered: Rendered) -> str | None:
-    """None if `rendered` agrees with the token-prefix method, else where they first differ."""
-    ids, mask = prefix_diff_mask(renderer, conv)
+def compare(renderer: ChatRenderer, conv: Conversation, rendered) -> str | None:
+    """None if `rendered` agrees with the token-prefix method, else where they first differ. A side
+    scored per turn (`render_turns.TurnSequences`) is checked sequence by sequence."""
+    parts = getattr(rendered, "parts", None)
+    if parts is None:
+        return _compare_one(renderer, conv, rendered)
+    for n, part in enumerate(parts):
+        detail = _compare_one(*_part_conversation(renderer, conv, part, parts), part, rebuilt_ok=True)
+        if detail:
+            return f"turn sequence {n + 1}/{len(parts)}: {detail}"
+    return None
+
+
+def _part_conversation(renderer: ChatRenderer, conv: Conversation, part: Rendered, parts: list[Rendered]):
+    """(renderer, conversation) that one per-turn sequence is the single rendering of: the messages up to
+    its last one, with only its own turns trained (the trained segments say which)."""
+    from mtpo.render_turns import _variant
+
+    last = max(seg.messages[-1] for seg in part.segments)
+    own = {k for seg in part.segments if seg.trained for k in seg.messages}
+    messages = [replace(m, train=(k in own)) if m.role == "assistant" or m.train else m
+                for k, m in enumerate(conv.messages[: last + 1])]
+    turns = [k for k, m in enumerate(conv.messages) if m.role == "assistant"]
+    if renderer.options.end_of_turn == "last" and turns and turns[-1] not in own:
+        renderer = _variant(renderer, "none")  # `last` means the trajectory's last turn, not this sequence's
+    return renderer, replace(conv, messages=messages)
+
+
+def _compare_one(renderer: ChatRenderer, conv: Conversation, rendered: Rendered, rebuilt_ok: bool = False):
+    ids, mask = prefix_diff_mask(renderer, conv, continue_last=not rebuilt_ok)
+    if rebuilt_ok and not np.array_equal(ids, rendered.input_ids):
+        # a turn rebuilt from its generation context (DeepSeek's prefilled <think>) is no rendering of
+        # a conversation: the token-prefix method has nothing to compare it with
+        raise Unverifiable("a turn rebuilt from its generation context (not a rendering of the conversation)")
     if not np.array_equal(ids, rendered.input_ids):
         n = min(len(ids), len(rendered.input_ids))
         t = next((i for i in range(n) if ids[i] != rendered.input_ids[i]), n)
