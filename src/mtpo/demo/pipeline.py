@@ -44,8 +44,8 @@ class DemoConfig:
 
     output_dir: str = field(default="outputs/demo", metadata={"help": "Run folder (reruns resume finished stages)."})
     seed: int = field(default=0, metadata={"help": "Training prompts, sampling and training order derive from it."})
-    model: str = field(default=PACKAGED_MODEL, metadata={"help": "The SFT model (default: the packaged one)."})
-    iterations: int = field(default=3, metadata={"help": "M-DPO iterations K."})
+    model: str = field(default=PACKAGED_MODEL, metadata={"help": "The SFT model folder."})
+    iterations: int = field(default=3, metadata={"help": "Iterations K of each method's loop."})
     train_prompts: int = field(default=48, metadata={"help": "Prompts sampled per iteration."})
     heldout_prompts: int = field(default=240, metadata={"help": "Held-out problems (greedy, one sample each)."})
     samples_per_prompt: int = field(default=8, metadata={"help": "Trajectories sampled per prompt."})
@@ -190,15 +190,17 @@ def run_demo(config: DemoConfig) -> dict:
     return results
 
 
+def options_help() -> str:
+    fields = DemoConfig.__dataclass_fields__.values()
+    default = lambda f: "the packaged model" if f.name == "model" else f.default  # noqa: E731
+    return "options (any as --key=value):\n" + "\n".join(
+        f"  --{f.name:<22} {f.metadata.get('help', '')} (default: {default(f)})" for f in fields)
+
+
 def cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mtpo demo", description=__doc__.strip().split("\n")[0],
-                                     epilog="Any option as --key=value, e.g. --iterations=3 --train_prompts=64.")
-    parser.add_argument("--help-options", action="store_true", help="list every option with its default")
-    args, overrides = parser.parse_known_args(argv)
-    if args.help_options:
-        for f in DemoConfig.__dataclass_fields__.values():
-            print(f"  --{f.name}={f.default!r}: {f.metadata.get('help', '')}")
-        return 0
+                                     epilog=options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    _, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         config = load_config(DemoConfig, None, overrides)

@@ -91,13 +91,26 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
     return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(b) for b in body])
 
 
+def format_kinds(rows: list[dict]) -> str:
+    """Markdown: held-out accuracy per problem kind, one line per row."""
+    kinds = sorted({k for r in rows for k in r.get("heldout_by_kind", {})})
+    lines = ["| method | iteration | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for r in rows:
+        got = r.get("heldout_by_kind", {})
+        lines.append(f"| {METHODS[r['method']]} | {r['iteration']} | "
+                     + " | ".join(f"{100 * got[k]:.0f} %" if k in got else "–" for k in kinds) + " |")
+    return "\n".join(lines)
+
+
 def write_all(output_dir: str, results: dict, options: dict) -> None:
     P.atomic_write_text(os.path.join(output_dir, "results.json"),
                         json.dumps({**results, "options": options}, indent=2) + "\n")
     md = ["# mtpo demo results", "", format_table(results["rows"], markdown=True), "",
           "Held-out accuracy: greedy, one sample per held-out problem, with the Python tool, graded by "
           "`mtpo.agent.grade`. Sampling accuracy: share correct among the samples the model was trained on "
-          "(SFT: its own samples). DPO without masking and M-KTO train on M-DPO iteration 1's samples.", "",
+          "(SFT: its own samples). The three loops start from the same SFT model and the same iteration-1 "
+          "samples, and differ only in the loss (KTO) or the mask (tool outputs trained).", "",
+          "Held-out accuracy per problem kind:", "", format_kinds(results["rows"]), "",
           f"Run time: {results['seconds']['total']:.0f} s. Options: `{json.dumps(options)}`", "",
           "![held-out accuracy](accuracy.png)", "", "![training curves](training.png)", ""]
     P.atomic_write_text(os.path.join(output_dir, "results.md"), "\n".join(md))
