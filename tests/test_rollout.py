@@ -250,12 +250,16 @@ def test_noncanonical_tokens_are_counted_and_strict_mode_raises(tiny_renderer):
         strict.run(prompts(script))
 
 
-def test_history_rewriting_template_is_a_text_mismatch(tiny_tok):
-    """A template that shortens earlier assistant turns: turn 1's context is not a prefix of the end."""
+def test_history_rewriting_template_is_per_turn_or_a_text_mismatch(tiny_tok):
+    """A template that shortens earlier assistant turns: turn 1's context is not a prefix of the end.
+    Scored per turn (`render_mode: auto`, the default) every turn is trained in the context it was
+    generated in, so the trajectory is consistent; forced into one sequence it is a text mismatch."""
     tpl = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
            "{% if m.role == 'assistant' and not loop.last %}{{ m.content[:5] }}{% else %}{{ m.content }}{% endif %}"
            "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    renderer = ChatRenderer(tiny_tok, RenderOptions(chat_template=tpl))
+    records, rollout, _ = run(ChatRenderer(tiny_tok, RenderOptions(chat_template=tpl)), {"Q-answer": SCRIPT["Q-answer"]})
+    assert records[0]["consistency"] == "ok" and rollout.stats.get("consistency_text", 0) == 0
+    renderer = ChatRenderer(tiny_tok, RenderOptions(chat_template=tpl, render_mode="single"))
     records, rollout, _ = run(renderer, {"Q-answer": SCRIPT["Q-answer"]})
     assert records[0]["consistency"] == "text" and rollout.stats["consistency_text"] == 1
     with pytest.raises(ConsistencyError, match="text"):

@@ -40,6 +40,7 @@ from mtpo.agent.backends import SamplingParams
 from mtpo.agent.prompts import Prompt
 from mtpo.data import Conversation, Message, RecordError
 from mtpo.render import ChatRenderer, _special_token_pattern
+from mtpo.render_turns import trained_turns
 
 logger = logging.getLogger("mtpo")
 FINISH_REASONS = ("answered", "no_code", "max_calls", "max_tokens", "length", "tool_error", "control_token", "empty")
@@ -272,20 +273,19 @@ def check_consistency(renderer: ChatRenderer, t: Trajectory, tools=None) -> tupl
                                                                   if k not in ("role", "content")})
                          for m in t.messages], tools)
     try:
-        r = renderer.render(conv)
+        r = renderer.render_trajectory(conv)  # one sequence, or per turn for templates that rewrite history
     except RecordError as e:
         return "text", str(e)
-    ids = r.input_ids.tolist()
-    turns = [s for s in r.segments if s.trained and s.role == "assistant"]
+    turns = [x for x in trained_turns(r) if t.messages[x[0]]["role"] == "assistant"]
     if len(turns) != len(t.turns):
         return "text", f"{len(turns)} trained assistant segments for {len(t.turns)} generated turns"
     worst = "ok", ""
-    for k, (turn, seg) in enumerate(zip(t.turns, turns)):
-        if not r.text.startswith(turn.context_text):
-            return "text", f"turn {k}: its context is not a prefix of the final rendering"
-        a, b = seg.token_span
-        trained = [i for i, keep in zip(ids[a:b], r.trainable[a:b]) if keep]
-        content = t.messages[seg.messages[0]]["content"]
+    for k, (turn, (msg, part, first, end)) in enumerate(zip(t.turns, turns)):
+        if not part.text.startswith(turn.context_text):
+            return "text", f"turn {k}: its context is not a prefix of the rendering it is trained in"
+        ids = part.input_ids.tolist()
+        trained = [i for i, keep in zip(ids[first:end], part.trainable[first:end]) if keep]
+        content = t.messages[msg]["content"]
         trained_text = renderer.tokenizer.decode(trained, skip_special_tokens=False)
         tail = trained_text[len(content):].strip()
         if not trained_text.startswith(content) or tail not in (*renderer.end_of_turn_texts, ""):
