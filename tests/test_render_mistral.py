@@ -227,6 +227,28 @@ def test_render_turns_scores_every_turn_on_every_version(mc):
         assert np.flatnonzero(r.trainable).tolist() == list(range(len(before), len(upto)))
 
 
+def test_history_moving_versions_are_scored_per_turn_in_auto_mode(mc):
+    """`render_trajectory` (what the trainers call): one sequence where the encoding is prefix-stable,
+    per-turn sequences where the version moves the system prompt (auto), an error when forced single."""
+    from dataclasses import replace
+
+    from mtpo.render_turns import TurnSequences
+
+    name, tok, renderer, ref = mc
+    conv = parse_conversation({"messages": research(2, system=True)}, 5)
+    out = renderer.render_trajectory(conv)
+    if name in SYSTEM_STABLE:
+        assert not isinstance(out, TurnSequences)
+        assert out.input_ids.tolist() == renderer.render(conv).input_ids.tolist()
+        return
+    assert isinstance(out, TurnSequences)
+    assert [p.input_ids.tolist() for p in out.parts] == [p.input_ids.tolist() for p in renderer.render_turns(conv)]
+    assert out.num_trainable == sum(p.num_trainable for p in renderer.render_turns(conv))
+    single = type(renderer)(tok, replace(renderer.options, render_mode="single"))
+    with pytest.raises(RecordError, match="not prefix-stable"):
+        single.render_trajectory(conv)
+
+
 def test_consecutive_assistant_messages_are_merged_by_mistral_common(mc):
     name, tok, renderer, ref = mc
     msgs = research(1)[:2] + [{"role": "assistant", "content": "Bob is \\boxed{9}."}]

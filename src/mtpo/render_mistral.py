@@ -41,7 +41,7 @@ import re
 import numpy as np
 
 from mtpo.data import Conversation, Message, RecordError
-from mtpo.render import ChatRenderer, Rendered, RenderOptions, Segment
+from mtpo.render import ChatRenderer, Rendered, RenderOptions, Segment, TemplateRewrite
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -178,7 +178,22 @@ class MistralRenderer(ChatRenderer):
             raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
         return out
 
-    def render_turns(self, conv: Conversation) -> list[Rendered]:
+    def render_trajectory(self, conv: Conversation, prompt_len: int = 0, _memo: dict | None = None):
+        """One sequence where mistral-common's encoding is prefix-stable for the conversation (every
+        boundary is checked to be a token prefix, so each turn's context is exactly its generation
+        context); else, in `render_mode: auto` or `per_turn`, one sequence per turn (`render_turns`)."""
+        from mtpo.render_turns import TurnSequences
+
+        mode = self.options.render_mode
+        if mode != "per_turn":
+            try:
+                return self.render(conv, prompt_len, _memo)
+            except TemplateRewrite:
+                if mode == "single":
+                    raise
+        return TurnSequences(self.render_turns(conv, prompt_len), conv.index)
+
+    def render_turns(self, conv: Conversation, prompt_len: int = 0) -> list[Rendered]:
         """One sequence per trained assistant message k: messages[:k+1], only message k trained.
 
         The building block for per-turn scoring of the versions that are not prefix-stable (v2/v3 move
@@ -190,7 +205,8 @@ class MistralRenderer(ChatRenderer):
             if self._trained(m, conv, k):
                 own = [Message(x.role, x.content, x.train if j == k else False, x.extra)
                        for j, x in enumerate(conv.messages[:k + 1])]
-                out.append(self.render(Conversation(own, conv.tools, conv.index, conv.label, conv.score)))
+                out.append(self.render(Conversation(own, conv.tools, conv.index, conv.label, conv.score),
+                                       min(prompt_len, k + 1)))
         if not out:
             raise RecordError(conv.index, "no trainable tokens (no assistant message, or all marked train: false)")
         return out
@@ -211,7 +227,7 @@ class MistralRenderer(ChatRenderer):
             if memo is not None:
                 memo[k] = prefix
         if ids[:len(prefix)] != prefix:
-            raise RecordError(conv.index, f"mistral-common's encoding ({self.version}) is not prefix-stable here: "
+            raise TemplateRewrite(conv.index, f"mistral-common's encoding ({self.version}) is not prefix-stable here: "
                               f"{self._why_not_prefix(msgs, k, conv)}", k)
         return len(prefix)
 
@@ -221,8 +237,9 @@ class MistralRenderer(ChatRenderer):
         if msgs[k - 1]["role"] == msgs[k]["role"]:
             return (f"mistral-common merges consecutive {msgs[k]['role']} messages into one (joined by a blank line); "
                     "merge them in the data")
-        hint = ("; per-turn scoring (`render_turns`) is not wired into the trainers yet — put the system prompt into "
-                "the first user message, pass tool outputs as `tool` messages, or use a v7+ tokenizer")
+        hint = ("; `render_mode: auto` (the default) or `per_turn` scores such conversations one turn at a time "
+                "(each in the context it was generated in); or put the system prompt into the first user message, "
+                "pass tool outputs as `tool` messages, or use a v7+ tokenizer")
 
         def stable(ms, tools, cut) -> bool:
             try:
