@@ -75,6 +75,8 @@ class VerifyReport:
 
 def prefix_diff_mask(renderer: ChatRenderer, conv: Conversation) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, trainable) of `conv` from token lists of prefix renderings only."""
+    if not renderer.template:
+        raise Unverifiable("this renderer does not use a chat template; the token-prefix method needs one")
     tok, msgs, tools = renderer.tokenizer, [m.to_template() for m in conv.messages], conv.tools
     roles = renderer.options.trainable_roles
     trained = [k for k, m in enumerate(conv.messages) if (m.train if m.train is not None else m.role in roles)]
@@ -220,7 +222,8 @@ def check_first_rows(rows: list[dict], renderer: ChatRenderer, n: int) -> Verify
         raise RecordError(f.row, f"the trainable mask disagrees with an independent check (verify_masks): {f.detail}. "
                           "Inspect it with `mtpo inspect DATA --tokenizer ... --verify`; set verify_masks: 0 to "
                           "train anyway", side=f.side)
-    for f in report.unverified:
-        logger.warning("verify_masks: %s", f)
+    if report.unverified:
+        logger.warning("verify_masks: %d of %d trajectories could not be checked, e.g. %s", len(report.unverified),
+                       report.checked, report.unverified[0])
     logger.info("verify_masks: %s", report.lines()[0])
     return report
