@@ -75,8 +75,6 @@ class VerifyReport:
 
 def prefix_diff_mask(renderer: ChatRenderer, conv: Conversation) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, trainable) of `conv` from token lists of prefix renderings only."""
-    if not renderer.template:
-        raise Unverifiable("this renderer does not use a chat template; the token-prefix method needs one")
     tok, msgs, tools = renderer.tokenizer, [m.to_template() for m in conv.messages], conv.tools
     roles = renderer.options.trainable_roles
     trained = [k for k, m in enumerate(conv.messages) if (m.train if m.train is not None else m.role in roles)]
@@ -106,6 +104,8 @@ def prefix_diff_mask(renderer: ChatRenderer, conv: Conversation) -> tuple[np.nda
 
 
 def _ids(renderer: ChatRenderer, msgs: list[dict], tools, gen: bool) -> list[int]:
+    if not renderer.template:  # e.g. mistral-common's own encoder
+        raise Unverifiable("this renderer does not use a chat template; the token-prefix method needs one")
     if not msgs and not gen:
         return []
     text = renderer.tokenizer.apply_chat_template(msgs, tools=tools, chat_template=renderer.template, tokenize=False,
