@@ -199,3 +199,16 @@ def test_training_option_runs_before_the_model_loads(tmp_path, capsys, monkeypat
             "--use_cpu=true", "--report_to=none", "--render_mode=single"]  # auto routes around it
     assert sft.cli(argv) == 2
     assert "row 0, messages: the trainable mask disagrees" in capsys.readouterr().err
+
+
+def test_renderer_without_chat_template_is_unverified_not_an_error(tiny_tok, caplog):
+    """A renderer that encodes without a Jinja template (mistral-common's): nothing to compare with."""
+    import logging
+
+    renderer = ChatRenderer(tiny_tok)
+    renderer.template = None
+    rows = [{"messages": RESEARCH}] * 3
+    with caplog.at_level(logging.WARNING, logger="mtpo"):
+        report = check_first_rows(rows, renderer, 16)
+    assert report.checked == 3 and len(report.unverified) == 3 and not report.mismatches
+    assert "3 of 3 trajectories could not be checked" in caplog.text and "needs one" in caplog.text

@@ -108,6 +108,8 @@ def prefix_diff_mask(renderer: ChatRenderer, conv: Conversation, continue_last: 
 
 
 def _ids(renderer: ChatRenderer, msgs: list[dict], tools, gen: bool) -> list[int]:
+    if not renderer.template:  # e.g. mistral-common's own encoder
+        raise Unverifiable("this renderer does not use a chat template; the token-prefix method needs one")
     if not msgs and not gen:
         return []
     text = renderer.tokenizer.apply_chat_template(msgs, tools=tools, chat_template=renderer.template, tokenize=False,
@@ -255,7 +257,8 @@ def check_first_rows(rows: list[dict], renderer: ChatRenderer, n: int) -> Verify
         raise RecordError(f.row, f"the trainable mask disagrees with an independent check (verify_masks): {f.detail}. "
                           "Inspect it with `mtpo inspect DATA --tokenizer ... --verify`; set verify_masks: 0 to "
                           "train anyway", side=f.side)
-    for f in report.unverified:
-        logger.warning("verify_masks: %s", f)
+    if report.unverified:
+        logger.warning("verify_masks: %d of %d trajectories could not be checked, e.g. %s", len(report.unverified),
+                       report.checked, report.unverified[0])
     logger.info("verify_masks: %s", report.lines()[0])
     return report
