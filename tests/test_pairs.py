@@ -172,3 +172,17 @@ def test_sharded_inputs_give_the_unsharded_result_and_cli_writes_files(tmp_path)
     assert report["pairs"] == one["pairs"] == 6 and report["inputs"] == [str(s0), str(s1)]
     assert not list(tmp_path.glob("*/*.tmp*"))  # no temporary file left behind
     assert cli([f"--rollouts={tmp_path / 'missing.jsonl'}", f"--output_dir={tmp_path}"]) == 2
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "user", "content": "q"}, {"role": "assistant"}], r"row 0, messages, message 1: empty content"),
+    (["q", {"role": "assistant", "content": "a"}], r"row 0, messages, message 0: message must be an object"),
+    ([{"role": "robot", "content": "q"}], r"row 0, messages, message 0: unknown role 'robot'"),
+])
+def test_a_broken_message_is_an_error_naming_row_and_message(tmp_path, messages, match):
+    """Found by QA: such a record used to pass into kto.jsonl (or give a misleading "different prompt
+    messages" error) and fail only later, in the trainer, as a row of the wrong file."""
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps({**traj("a", 0, False), "messages": messages}) + "\n")
+    with pytest.raises(RecordError, match=match + r".*r\.jsonl"):
+        load_trajectories([str(path)], PairsConfig())

@@ -33,7 +33,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from mtpo.config import ConfigError
-from mtpo.data import RecordError, load_rows
+from mtpo.data import RecordError, load_rows, parse_messages
 
 logger = logging.getLogger("mtpo")
 
@@ -87,6 +87,11 @@ def check_record(rec: dict, row: int, where: str = "", need_tool_calls: bool = F
     for key in ("last_tool_ok", "num_tool_calls", "sample"):
         if rec.get(key) is not None and not isinstance(rec[key], (bool if key == "last_tool_ok" else int)):
             raise RecordError(row, f"`{key}` has the wrong type: {type(rec[key]).__name__}{suffix}")
+    try:  # each message as the trainers read it: a broken one fails here, not as a row of pairs.jsonl later
+        parse_messages(rec["messages"], row, "messages")
+    except RecordError as e:
+        e.args = (f"{e}{suffix}",)
+        raise
 
 
 def load_trajectories(paths: list[str], config: PairsConfig | None = None) -> list[dict]:
