@@ -269,3 +269,58 @@ def test_eval_cli_on_the_example(tmp_path, capsys):
     assert "| Algebra | 1 |" in table and "| Level 1 | 1 |" in table
     assert (out / "results.md").read_text() == table
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4
+
+
+def test_bad_prompt_rows_and_sandbox_typos_are_one_line_errors(tmp_path, capsys):
+    """QA: the error names the prompt file as well as the row (eval and iterate read several files);
+    a `sandbox:` typo fails when the config is read, not after the model loaded."""
+    from mtpo.agent.generate import cli
+    from mtpo.config import ConfigError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n" + json.dumps({"question": "q2"}) + "\n")
+    assert cli([os.path.join(ROOT, "examples", "generate.yaml"), f"--prompts={bad}",
+                f"--output_file={tmp_path / 'o.jsonl'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"mtpo generate: error: {bad}: row 1: missing field `answer` (have ['question'])"
+    assert not (tmp_path / "o.jsonl").exists()
+    for sandbox, match in (({"timeout": 5}, r"sandbox: unknown option 'timeout' \(did you mean 'timeout_s'\?\)"),
+                           ({"timeout_s": "five"}, r"sandbox.timeout_s: expected a number, got 'five'")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(EvalConfig, None, [f"--sandbox={json.dumps(sandbox)}"])
+    assert load_config(GenerateConfig, None, ["--sandbox={timeout_s: 3, memory_mb: 512}"]).sandbox == \
+        {"timeout_s": 3.0, "memory_mb": 512}
+
+
+def test_grader_warm_up_runs_in_the_background(tmp_path, tiny_model, tiny_tok):
+    """GRADE's suggestion: the math-verify workers start while the model loads (a fake grader without
+    `warm_up` is left alone)."""
+    import threading
+
+    from mtpo.agent import grade as G
+
+    started = threading.Event()
+
+    class Grader:
+        extract_answer, grade = staticmethod(G.extract_answer), staticmethod(G.grade)
+
+        @staticmethod
+        def warm_up():
+            assert threading.current_thread() is not threading.main_thread()
+            started.set()
+
+    generate(gen_config(tmp_path, limit=1, samples_per_prompt=1), tiny_model, tiny_tok, grader=Grader)
+    assert started.wait(10)
+
+
+def test_eval_results_are_replaced_atomically(tmp_path, monkeypatch):
+    """QA: a failure (or kill) while writing must leave the previous results.json whole, not truncated."""
+    from mtpo.agent import evaluate
+
+    results = {"problems": 1, "pass@1": 1.0, "per_problem": []}
+    evaluate.write_results(results, str(tmp_path))
+    monkeypatch.setattr(evaluate.json, "dumps", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate.write_results({**results, "pass@1": 0.0}, str(tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text()) == results
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "results.md"]

@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from mtpo.agent import iterate as it
 from mtpo.agent.backends import Generated
 from mtpo.config import ConfigError, build_config, load_config
+from mtpo.data import RecordError
 
 TINY = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "tiny-model")
 TRAIN = {"max_steps": 2, "per_device_train_batch_size": 2, "learning_rate": 1e-3, "logging_steps": 1,
@@ -375,3 +376,18 @@ def test_drop_checkpoints_renames_before_deleting(tmp_path):
     (tmp_path / "model.safetensors").write_text("weights")
     it.drop_checkpoints(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors"] and get_last_checkpoint(str(tmp_path)) is None
+
+
+def test_a_bad_prompt_row_fails_before_anything_runs_naming_the_users_file(tmp_path, prompts_file):
+    """QA: the row used to be reported in iter_k/prompts.jsonl numbering, when iteration k started
+    (after k−1 trainings, or after the start model's eval)."""
+    rows = [json.loads(line) for line in open(prompts_file)]
+    del rows[6]["answer"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "run"
+    with pytest.raises(RecordError, match=f"{bad}: row 6: missing field `answer`"):
+        it.run_iterate(config(out, str(bad), eval_prompts=prompts_file), runner=make_runner([]))
+    assert not out.exists()
+    with pytest.raises(RecordError, match=f"{bad}: row 6: missing field `answer`"):  # the eval set too
+        config(out, prompts_file, eval_prompts=str(bad), eval={"limit": 8}).check()

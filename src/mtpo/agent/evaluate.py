@@ -25,7 +25,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from mtpo.agent.generate import (GenerateConfig, RolloutSettings, build_backend, build_executor, build_renderer,
-                                 load_tokenizer, read_complete, run_generate)
+                                 load_tokenizer, read_complete, run_generate, warm_up_grader)
 from mtpo.config import ConfigError
 
 logger = logging.getLogger("mtpo")
@@ -78,12 +78,14 @@ def run_eval(config: EvalConfig, *, model=None, tokenizer=None, backend=None, ex
         passes["samples"] = GenerateConfig(**common, samples_per_prompt=config.maj_k, temperature=config.temperature,
                                            top_p=config.top_p, seed=config.seed,
                                            output_file=os.path.join(config.output_dir, "samples.jsonl"))
-    renderer = build_renderer(config, load_tokenizer(config, tokenizer))
-    backend = backend or build_backend(config, renderer, model)
+    prompts = {p.prompt_id: p for p in config.load_prompts()}  # a bad row fails before the model loads
     own_executor = executor is None
-    executor = executor or build_executor(config)
+    executor = executor or build_executor(config)  # so does a sandbox error
     summaries, records = {}, {}
     try:
+        warm_up_grader(grader)
+        renderer = build_renderer(config, load_tokenizer(config, tokenizer))
+        backend = backend or build_backend(config, renderer, model)
         for name, gen_config in passes.items():
             summaries[name] = run_generate(gen_config, tokenizer=renderer.tokenizer, backend=backend,
                                            executor=executor, grader=grader)
@@ -91,7 +93,6 @@ def run_eval(config: EvalConfig, *, model=None, tokenizer=None, backend=None, ex
     finally:
         if own_executor:
             executor.shutdown()
-    prompts = {p.prompt_id: p for p in config.load_prompts()}
     results = score(prompts, records["greedy"], records.get("samples"), config.maj_k, grader.is_equivalent)
     results["summaries"] = summaries
     write_results(results, config.output_dir)
@@ -130,10 +131,11 @@ def _rates(rows: list[dict], metrics: list[str]) -> dict:
 
 
 def write_results(results: dict, output_dir: str) -> None:
-    with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=1, ensure_ascii=False)
-    with open(os.path.join(output_dir, "results.md"), "w", encoding="utf-8") as f:
-        f.write(markdown(results))
+    """Each file under a temporary name, then renamed: a kill never leaves half a results.json."""
+    from mtpo.agent.pairs import atomic_write_text
+
+    atomic_write_text(os.path.join(output_dir, "results.json"), json.dumps(results, indent=1, ensure_ascii=False))
+    atomic_write_text(os.path.join(output_dir, "results.md"), markdown(results))
 
 
 def markdown(results: dict) -> str:

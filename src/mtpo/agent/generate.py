@@ -11,10 +11,12 @@ produce the same records as one unsharded run (sampling is seeded per trajectory
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 import os
+import threading
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -81,6 +83,7 @@ class RolloutSettings:
         for key in ("batch_size", "prompts_per_round", "sandbox_workers", "max_new_tokens", "max_length", "cpu_threads"):
             if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        self.sandbox = check_sandbox_options(self.sandbox)
 
     def check_paths(self) -> None:
         if not self.prompts:
@@ -116,6 +119,28 @@ class GenerateConfig(RolloutSettings):
         if self.samples_per_prompt < 1:
             raise ConfigError(f"samples_per_prompt must be positive, got {self.samples_per_prompt}")
         parse_shard(self.shard)
+
+
+def check_sandbox_options(options: dict) -> dict:
+    """`sandbox:` names and value types checked against `PythonSandbox`'s keywords when the config is
+    read — a typo would otherwise surface only after the model loaded (or, in `mtpo iterate`, after
+    earlier stages ran)."""
+    import inspect
+    import typing
+
+    from mtpo.agent.sandbox import PythonSandbox
+    from mtpo.config import _coerce  # the config loader's own type check, so messages read the same
+
+    params = {n: p for n, p in inspect.signature(PythonSandbox.__init__).parameters.items() if n != "self"}
+    hints = typing.get_type_hints(PythonSandbox.__init__)
+    out = {}
+    for key, value in options.items():
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1)
+            raise ConfigError(f"sandbox: unknown option {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                              + f"; known: {', '.join(params)}")
+        out[key] = _coerce(f"sandbox.{key}", value, hints.get(key, typing.Any))
+    return out
 
 
 def parse_shard(shard: str | None) -> tuple[int, int] | None:
@@ -246,17 +271,19 @@ def run_generate(config: GenerateConfig, *, model=None, tokenizer=None, backend=
                     sum(p.prompt_id in done for p in prompts), len(todo))
     stats = Counter()
     if todo:
-        renderer = build_renderer(config, load_tokenizer(config, tokenizer))
-        backend = backend or build_backend(config, renderer, model)
         own_executor = executor is None
-        executor = executor or build_executor(config)
-        threads = _set_threads(config.cpu_threads)
+        executor = executor or build_executor(config)  # before the model loads: a sandbox error costs no load
         try:
-            stats = _roll(config, todo, Rollout(backend, renderer, executor,
-                                                config.rollout_config(config.temperature, config.top_p, config.seed),
-                                                grader))
+            warm_up_grader(grader)
+            renderer = build_renderer(config, load_tokenizer(config, tokenizer))
+            backend = backend or build_backend(config, renderer, model)
+            threads = _set_threads(config.cpu_threads)
+            try:
+                stats = _roll(config, todo, Rollout(backend, renderer, executor, config.rollout_config(
+                    config.temperature, config.top_p, config.seed), grader))
+            finally:
+                _set_threads(threads)
         finally:
-            _set_threads(threads)
             if own_executor:
                 executor.shutdown()
     ids = {p.prompt_id for p in prompts}
@@ -265,6 +292,17 @@ def run_generate(config: GenerateConfig, *, model=None, tokenizer=None, backend=
     summary = summarize(records, stats, len(todo))
     logger.info("generate summary (%s):\n%s", config.output_file, format_summary(summary))
     return summary
+
+
+def warm_up_grader(grader=None) -> None:
+    """Start the grader's math-verify workers in the background (`grade.warm_up`), so that their start-up
+    overlaps the model load instead of delaying the first graded answer. A custom grader without
+    `warm_up` (tests' fakes) is left alone."""
+    if grader is None:
+        from mtpo.agent import grade as grader
+    warm = getattr(grader, "warm_up", None)
+    if warm is not None:
+        threading.Thread(target=warm, name="mtpo-grader-warm-up", daemon=True).start()
 
 
 def _set_threads(n: int | None) -> int | None:

@@ -105,6 +105,18 @@ class IterateConfig:
             if looks_local(path) and not os.path.exists(path):  # else a Hub dataset name
                 raise ConfigError(f"prompt file not found: {path}")
         self.check_blocks()
+        self.check_prompt_rows()
+
+    def check_prompt_rows(self) -> None:
+        """Every local prompt file read as its stage reads it: a bad row fails now, naming the user's file
+        and row — not in iteration k after k−1 trainings, as a row of iter_k/prompts.jsonl."""
+        for stage, paths in (("generate", self.prompts), ("eval", [self.eval_prompts] if self.eval_prompts else [])):
+            settings = build_config(stage_class(stage, self.algorithm), stage_values(self, stage, placeholders=True))
+            if stage == "generate":  # a split file's part k may hold any row of the whole file
+                settings.limit = None
+            for path in (p for p in paths if looks_local(p)):
+                settings.prompts = path
+                settings.load_prompts()
 
     def check_blocks(self) -> None:
         """Each nested block against its command's config class: a typo fails before anything runs."""

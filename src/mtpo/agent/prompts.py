@@ -43,16 +43,21 @@ def load_prompts(source: str, *, name: str | None = None, question_field: str | 
     if limit is not None:
         rows = rows[:limit]
     name = name or _default_name(source)
-    if rows:  # the layout is the first row's: a later row that lacks a field is an error about that field
-        question_field, answer_field, answer_format = _layout(rows[0], 0, question_field, answer_field, answer_format)
     prompts, seen = [], {}
-    for i, row in enumerate(rows):
-        p = prompt_from_row(row, i, name=name, question_field=question_field, answer_field=answer_field,
-                            answer_format=answer_format, id_field=id_field, system_prompt=system_prompt)
-        if p.prompt_id in seen:  # resume and sharding key on the id: duplicates would be merged silently
-            raise RecordError(i, f"duplicate prompt id {p.prompt_id!r} (also row {seen[p.prompt_id]})")
-        seen[p.prompt_id] = i
-        prompts.append(p)
+    try:
+        if rows:  # the layout is the first row's: a later row that lacks a field is an error about that field
+            question_field, answer_field, answer_format = _layout(rows[0], 0, question_field, answer_field,
+                                                                  answer_format)
+        for i, row in enumerate(rows):
+            p = prompt_from_row(row, i, name=name, question_field=question_field, answer_field=answer_field,
+                                answer_format=answer_format, id_field=id_field, system_prompt=system_prompt)
+            if p.prompt_id in seen:  # resume and sharding key on the id: duplicates would be merged silently
+                raise RecordError(i, f"duplicate prompt id {p.prompt_id!r} (also row {seen[p.prompt_id]})")
+            seen[p.prompt_id] = i
+            prompts.append(p)
+    except RecordError as e:  # "row 6: ..." alone does not say which file (eval and iterate read several)
+        e.args = (f"{source}: {e}",)
+        raise
     return prompts
 
 
