@@ -86,3 +86,20 @@ def test_logprobs_bench_worker(capsys):
                          "--repeats", "1", "--warmup", "0"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["variant"] == "chunked" and result["median_s"] > 0
+
+
+def test_grade_bench_tiny_run(tmp_path):
+    """bench_grade on 20 MATH golds and 20 pairs (~10 s): every section runs, math-verify is reached,
+    the JSON parses, and no wrong answer is graded correct."""
+    import bench_grade
+
+    if not (bench_grade.DATA / "math_test.jsonl").is_file() or not (bench_grade.DATA / "gsm8k_test.jsonl").is_file():
+        pytest.skip(f"needs the MATH and GSM8K test sets in {bench_grade.DATA}")
+    out = tmp_path / "grade"
+    assert bench_grade.main(["--limit", "20", "--pairs", "20", "--out", str(out)]) == 0
+    res = json.loads(out.with_suffix(".json").read_text())
+    assert res["false_positives"]["pairs"] == 20 and res["false_positives"]["equivalent_verdicts"] == 0
+    assert res["near_misses"]["equivalent_verdicts"] == 0 and res["perturbations"]["equivalent_verdicts"] == 0
+    assert res["self_equivalence"]["golds_passing_all"] == res["self_equivalence"]["golds"] == 20
+    assert res["throughput"]["math_verify_decides_pool"]["math_verify_calls"] > 0
+    assert "| false positives" in out.with_suffix(".md").read_text()
