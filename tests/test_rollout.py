@@ -180,6 +180,27 @@ def test_tool_messages_when_configured(tiny_renderer):
     assert records[0]["finish_reason"] == "answered" and records[0]["consistency"] == "ok"
 
 
+def test_a_silent_cell_gives_a_tool_message_the_trainers_accept(tiny_renderer):
+    """QA: `x = 1` prints nothing; an empty `tool` message made the record's rows fail in the trainers
+    (and in `mtpo pairs`, which checks messages as they do)."""
+    from mtpo.agent.pairs import build_pairs
+    from mtpo.agent.rollout import NO_OUTPUT
+    from mtpo.data import parse_messages
+
+    class Silent(FakeExecutor):
+        def submit(self, key, code):
+            fut = cf.Future()
+            fut.set_result(SimpleNamespace(output="", ok=True, timed_out=False))
+            return fut
+
+    for fmt, tool_turn in (("tool", {"role": "tool", "content": NO_OUTPUT}),
+                           ("user", {"role": "user", "content": "```output\n\n```"})):
+        records, _, _ = run(tiny_renderer, {"Q-answer": SCRIPT["Q-answer"]}, executor=Silent(), tool_format=fmt)
+        assert records[0]["messages"][2] == tool_turn and records[0]["consistency"] == "ok"
+        parse_messages(records[0]["messages"], 0, "messages")
+        assert build_pairs(records).report["kept"] == 1
+
+
 def test_prompt_done_callback_fires_once_per_prompt_with_all_samples(tiny_renderer):
     seen = []
     backend = ScriptedBackend(tiny_renderer, SCRIPT)

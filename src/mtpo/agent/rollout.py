@@ -46,6 +46,7 @@ logger = logging.getLogger("mtpo")
 FINISH_REASONS = ("answered", "no_code", "max_calls", "max_tokens", "length", "tool_error", "control_token", "empty")
 TOOL_FORMATS = ("user", "tool")
 CONSISTENCY_MODES = ("warn", "strict", "off")
+NO_OUTPUT = "(no output)"  # a `tool` message for a cell that printed nothing (user turns hold the fences)
 _CODE = re.compile(r"```python[ \t]*\n(.*?)```", re.S)
 
 
@@ -243,8 +244,8 @@ class Rollout:
         output = output.rstrip("\n")
         if self._special is not None:  # a printed `<|im_end|>` must stay text, never become a control token
             output = self._special.sub(lambda m: m.group(0).replace("<", "<\u200b", 1), output)
-        if self.config.tool_format == "tool":
-            return {"role": "tool", "content": output}
+        if self.config.tool_format == "tool":  # a silent cell (`x = 1`): the trainers reject an empty message
+            return {"role": "tool", "content": output or NO_OUTPUT}
         return {"role": "user", "content": f"```output\n{output}\n```"}
 
     def _finish(self, t: Trajectory) -> dict:
