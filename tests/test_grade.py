@@ -400,6 +400,26 @@ def test_warm_starts_every_worker():
         pool.shutdown()
 
 
+def test_ctrl_c_reaches_the_parent_only():
+    """QA: a terminal's Ctrl-C signals the whole foreground process group; workers in it each printed a
+    KeyboardInterrupt traceback under `mtpo generate`'s one-line message. A parent in its own group
+    warms a pool, then interrupts its group as a terminal would."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from mtpo.agent import mathverify_pool\n"
+            "pool = mathverify_pool.MathVerifyPool(max_workers=2)\n"
+            "pool.warm()\n"
+            "try:\n"
+            "    os.killpg(0, signal.SIGINT); time.sleep(5)\n"
+            "except KeyboardInterrupt:\n"
+            "    print('interrupted', sum(w.alive() for w in pool._all))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert done.stdout.strip() == "interrupted 2" and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
 def test_dead_worker_is_an_error_not_a_timeout(monkeypatch):
     """A worker that cannot start (say math-verify is missing) is reported as an error."""
     monkeypatch.setattr(mathverify_pool, "_WORKER_CMD", "import sys; sys.exit(3)")

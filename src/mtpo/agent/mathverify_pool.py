@@ -145,6 +145,10 @@ class _Worker:
             stdout=subprocess.PIPE,
             text=True,
             bufsize=1,
+            # its own session: a terminal's Ctrl-C (sent to the whole foreground process group) reaches
+            # only the parent, which reports it in one line, not once more per worker as a traceback;
+            # the worker still ends with the parent (its stdin closes)
+            start_new_session=True,
         )
         # the first request also pays for importing sympy and math-verify (~1 s, more on a loaded
         # machine): allow for it once instead of mistaking it for a hang
