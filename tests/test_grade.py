@@ -420,6 +420,39 @@ def test_ctrl_c_reaches_the_parent_only():
     assert done.stdout.strip() == "interrupted 2" and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
+def test_warm_racing_shutdown_is_quiet(monkeypatch):
+    """QA: `mtpo generate` warms the pool in a background thread; Ctrl-C during the model load runs the
+    at-exit `shutdown` while `warm` still waits, which raised `list.remove(x): x not in list` there."""
+    killed = threading.Event()
+
+    class Starting:  # a worker still importing sympy when shutdown kills it
+        def ask(self, *args):
+            killed.wait(10)
+            return {"r": None, "killed": True}
+
+        def kill(self):
+            killed.set()
+
+    monkeypatch.setattr(mathverify_pool, "_Worker", Starting)
+    pool = mathverify_pool.MathVerifyPool(max_workers=1)
+    errors = []
+
+    def warm_up():
+        try:
+            pool.warm()
+            errors.append(None)
+        except Exception as e:  # noqa: BLE001 - the regression: ValueError from list.remove
+            errors.append(e)
+
+    warm = threading.Thread(target=warm_up)
+    warm.start()
+    while not pool._all:
+        time.sleep(0.01)
+    pool.shutdown()
+    warm.join(10)
+    assert errors == [None] and pool._all == []  # warm returned (None), no ValueError
+
+
 def test_dead_worker_is_an_error_not_a_timeout(monkeypatch):
     """A worker that cannot start (say math-verify is missing) is reported as an error."""
     monkeypatch.setattr(mathverify_pool, "_WORKER_CMD", "import sys; sys.exit(3)")

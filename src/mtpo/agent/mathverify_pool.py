@@ -210,8 +210,7 @@ class MathVerifyPool:
                 worker.kill()
                 return False, f"worker failed: {e}"
             if resp.get("killed"):
-                with self._lock:
-                    self._all.remove(worker)
+                self._forget(worker)
             else:
                 self._idle.put(worker)
             return resp.get("r"), resp.get("e")
@@ -224,10 +223,16 @@ class MathVerifyPool:
             self._all.extend(new)
         for worker in new:
             if worker.ask("1", "1", 60.0).get("killed"):
-                with self._lock:
-                    self._all.remove(worker)
+                self._forget(worker)
             else:
                 self._idle.put(worker)
+
+    def _forget(self, worker: _Worker) -> None:
+        """Drop a dead worker. `shutdown` (at exit, e.g. after Ctrl-C) may have dropped it already while a
+        background `warm` still waited on it."""
+        with self._lock:
+            if worker in self._all:
+                self._all.remove(worker)
 
     def shutdown(self) -> None:
         with self._lock:
