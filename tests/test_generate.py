@@ -284,6 +284,12 @@ def test_bad_prompt_rows_and_sandbox_typos_are_one_line_errors(tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert err == f"mtpo generate: error: {bad}: row 1: missing field `answer` (have ['question'])"
     assert not (tmp_path / "o.jsonl").exists()
+    from mtpo.agent.evaluate import cli as eval_cli
+
+    assert eval_cli([os.path.join(ROOT, "examples", "eval.yaml"), f"--prompts={bad}",  # before the model loads
+                     f"--output_dir={tmp_path / 'ev'}", "--model_name_or_path=/nonexistent"]) == 2
+    assert capsys.readouterr().err.strip() == err.replace("mtpo generate", "mtpo eval")
+    assert not (tmp_path / "ev").exists()
     for sandbox, match in (({"timeout": 5}, r"sandbox: unknown option 'timeout' \(did you mean 'timeout_s'\?\)"),
                            ({"timeout_s": "five"}, r"sandbox.timeout_s: expected a number, got 'five'")):
         with pytest.raises(ConfigError, match=match):

@@ -70,6 +70,7 @@ def run_eval(config: EvalConfig, *, model=None, tokenizer=None, backend=None, ex
     if grader is None:
         from mtpo.agent import grade as grader
     config.check_paths()
+    prompts = {p.prompt_id: p for p in config.load_prompts()}  # a bad row fails before the model loads
     os.makedirs(config.output_dir, exist_ok=True)
     common = {f.name: getattr(config, f.name) for f in dataclasses.fields(RolloutSettings)}
     passes = {"greedy": GenerateConfig(**common, samples_per_prompt=1, temperature=0.0, seed=config.seed,
@@ -78,7 +79,6 @@ def run_eval(config: EvalConfig, *, model=None, tokenizer=None, backend=None, ex
         passes["samples"] = GenerateConfig(**common, samples_per_prompt=config.maj_k, temperature=config.temperature,
                                            top_p=config.top_p, seed=config.seed,
                                            output_file=os.path.join(config.output_dir, "samples.jsonl"))
-    prompts = {p.prompt_id: p for p in config.load_prompts()}  # a bad row fails before the model loads
     own_executor = executor is None
     executor = executor or build_executor(config)  # so does a sandbox error
     summaries, records = {}, {}
