@@ -8,6 +8,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,14 @@ def test_ctrl_c_before_training_is_one_line_exit_130(tmp_path, capsys, monkeypat
     rc = cli_main(["dpo", f"--model_name_or_path={TINY}", f"--train_data={data}", f"--output_dir={tmp_path / 'o'}",
                    "--use_cpu", "--report_to=none"])
     assert rc == 130 and capsys.readouterr().err.strip().splitlines() == ["mtpo dpo: interrupted; no checkpoint saved"]
+
+
+def test_help_into_a_closed_pipe_is_not_a_traceback():
+    """`mtpo generate --help | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the help is written: the write fails with EPIPE
+    proc = subprocess.run([sys.executable, "-m", "mtpo", "generate", "--help"], stdout=write,
+                          stderr=subprocess.PIPE, timeout=60)
+    os.close(write)
+    err = proc.stderr.decode()
+    assert proc.returncode == 141 and "Traceback" not in err, err

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import importlib
 import logging
+import os
 import sys
 import textwrap
 from typing import Callable
@@ -87,7 +88,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mtpo: unknown command {argv[0]!r}\n\n{usage()}", file=sys.stderr)
         return 2
     module_name, _, function = COMMANDS[argv[0]][0].partition(":")  # "module" (its `cli`) or "module:function"
-    return int(getattr(importlib.import_module(module_name), function or "cli")(argv[1:]) or 0)
+    try:
+        return int(getattr(importlib.import_module(module_name), function or "cli")(argv[1:]) or 0)
+    except BrokenPipeError:  # `mtpo dpo --help | head`: the reader left; not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 141
 
 
 if __name__ == "__main__":
