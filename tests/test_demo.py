@@ -165,3 +165,17 @@ def test_demo_pipeline_in_miniature(tmp_path):
     assert "| M-DPO | 1 |" in (out / "results.md").read_text()
     for png in ("accuracy.png", "training.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_make_model_script_writes_a_loadable_model(tmp_path):
+    """The script that made the shipped model, at toy size: tokenizer + weights + record, loadable."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mtpo.demo.make_model import make_model
+
+    record = make_model(str(tmp_path), n=48, steps=2, seed=0, hidden=32, layers=1, lr=1e-3, batch_size=4)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.vocab_size == len(tok) == record["vocab_size"]
+    assert tok.eos_token == "<end_of_turn>" and "<start_of_turn>" in tok.chat_template
+    assert json.loads((tmp_path / "make_model.json").read_text())["steps"] == 2

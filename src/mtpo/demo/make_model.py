@@ -1,16 +1,16 @@
 """Make the demo's SFT model: tokenizer + tiny Llama, taught the tool format with `mtpo sft`.
 
-    python -m mtpo.demo.make_model                       # writes src/mtpo/demo/model/ (~3 MB)
+    python -m mtpo.demo.make_model                       # writes src/mtpo/demo/model/ (2.9 MB)
     python -m mtpo.demo.make_model --out DIR --steps 300 # a quick, worse one elsewhere
 
 Steps: (1) SFT trajectories for training-split problems (`task.sft_trajectory`: the correct plan or
 the kind's misconception at its rate, plus rare slips); (2) the BPE tokenizer learnt from their
-text (`tokenizer.build_tokenizer`); (3) a randomly initialised Llama (hidden 128, 2 layers, ~0.8 M
+text (`tokenizer.build_tokenizer`); (3) a randomly initialised Llama (hidden 128, 2 layers, 0.72 M
 parameters); (4) mtpo's own masked SFT trainer (`mtpo.trainers.sft.train_sft`) on those
 trajectories — assistant turns trained, question and tool outputs context only; (5) the weights
 (safetensors, float32), tokenizer and chat template copied into the output folder, plus
 `make_model.json` (the settings and the final loss) so the model can be reproduced.
-The demo ships this folder, so `mtpo demo` does not pay for SFT (about 10 minutes on 2 cores).
+The demo ships this folder, so `mtpo demo` does not pay for SFT (31 minutes on 2 shared cores).
 """
 
 from __future__ import annotations
