@@ -176,3 +176,28 @@ def test_help_into_a_closed_pipe_is_not_a_traceback():
     os.close(write)
     err = proc.stderr.decode()
     assert proc.returncode == 141 and "Traceback" not in err, err
+
+
+def test_sigterm_in_a_config_command_is_one_line(capsys):
+    """`mtpo generate|eval|pairs|iterate`: SIGTERM ends like Ctrl-C (one line, exit 143), and the
+    previous SIGTERM handler is restored afterwards."""
+    import dataclasses as dc
+    import signal
+    import time
+
+    from mtpo.cli import run_config_command
+
+    @dc.dataclass
+    class Opts:
+        n: int = 1
+
+    def job(config):
+        """A job that gets SIGTERM."""
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        raise AssertionError("SIGTERM did not stop the job")
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_config_command("job", Opts, job, []) == 143
+    assert capsys.readouterr().err.strip() == "mtpo job: stopped by SIGTERM; rerun the same command to continue where it stopped"
+    assert signal.getsignal(signal.SIGTERM) is before

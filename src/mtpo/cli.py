@@ -60,6 +60,7 @@ def run_config_command(name: str, config_cls: type, run: Callable, argv: list[st
     parser.add_argument("config", nargs=None if config_required else "?")
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    previous = _on_sigterm(_raise_terminated)  # SIGTERM ends like Ctrl-C: one line (training stages save first)
     try:
         run(load_config(config_cls, args.config, overrides))
     except (ConfigError, DataError, RecordError, OSError) as e:  # OSError: missing files, unknown Hub names
@@ -68,10 +69,31 @@ def run_config_command(name: str, config_cls: type, run: Callable, argv: list[st
     except Interrupted as e:  # a training stage stopped by a signal after saving a checkpoint
         print(f"mtpo {name}: stopped by {e}; rerun the same command to resume", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print(f"mtpo {name}: interrupted; rerun the same command to continue where it stopped", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        how = "stopped by SIGTERM" if isinstance(e, Terminated) else "interrupted"
+        print(f"mtpo {name}: {how}; rerun the same command to continue where it stopped", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        _on_sigterm(previous)
     return 0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send before preemption), raised where Ctrl-C would be."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM and return the previous one (None outside the main thread)."""
+    import signal
+
+    try:
+        return signal.signal(signal.SIGTERM, handler) if handler is not None else None
+    except ValueError:  # not the main thread: leave signals alone
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
