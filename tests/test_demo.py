@@ -119,7 +119,8 @@ def test_template_masks_exactly_the_assistant_turns(demo_tok):
     assert renderer.end_of_turn_texts[0] == "<end_of_turn>" == demo_tok.eos_token
     p = task.make_problems(0, 6)[5]  # shopping: two tool calls
     messages, _ = task.run_plan(p.correct)
-    rendered = renderer.render(parse_conversation({"messages": [{"role": "user", "content": p.question}] + messages}, 0))
+    conversation = {"messages": [{"role": "user", "content": p.question}] + messages}
+    rendered = renderer.render(parse_conversation(conversation, 0))
     assert rendered.text.startswith("<bos><start_of_turn>user\n")
     ids, mask = rendered.input_ids, rendered.trainable
     runs, current = [], []

@@ -18,7 +18,6 @@ single-turn trainer that treats everything after the question as the completion 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil

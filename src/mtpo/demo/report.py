@@ -87,7 +87,9 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                          + ["| " + " | ".join(b) + " |" for b in body])
     widths = [max(len(x[i]) for x in [head] + body) for i in range(len(head))]
-    fmt = lambda xs: "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(xs, widths)))  # noqa: E731
+    def fmt(cells: list[str]) -> str:  # first column left-aligned, numbers right-aligned
+        return "  ".join(x.ljust(w) if i == 0 else x.rjust(w) for i, (x, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([fmt(head), "-" * len(fmt(head))] + [fmt(b) for b in body])
 
 
