@@ -145,11 +145,11 @@ def test_demo_pipeline_in_miniature(tmp_path):
 
     out = tmp_path / "demo"
     argv = [f"--output_dir={out}", "--seed=3", "--iterations=1", "--train_prompts=6", "--samples_per_prompt=4",
-            "--heldout_prompts=12", "--sandbox_workers=2", "--epochs=1", "--batch_size=4"]
+            "--heldout_prompts=12", "--sandbox_workers=2", "--epochs=1", "--batch_size=4", "--raft=true"]
     assert cli(argv) == 0
     results = json.loads((out / "results.json").read_text())
     methods = [(r["method"], r["iteration"]) for r in results["rows"]]
-    assert methods == [("sft", 0), ("dpo_no_mask", 1), ("m_dpo", 1), ("m_kto", 1)]
+    assert methods == [("sft", 0), ("dpo_no_mask", 1), ("m_dpo", 1), ("m_kto", 1), ("raft", 1)]
     for r in results["rows"]:
         assert 0 <= r["heldout_accuracy"] <= 1 and 0 <= r["sampling_accuracy"] <= 1
     trained = [r for r in results["rows"] if r["method"] != "sft"]

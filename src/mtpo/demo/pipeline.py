@@ -55,6 +55,8 @@ class DemoConfig:
     nll_coef: float = field(default=1.0, metadata={"help": "NLL of the chosen trajectory added to DPO (anchors it)."})
     batch_size: int = field(default=8, metadata={"help": "Pairs (KTO: rows) per optimizer step."})
     compare: bool = field(default=True, metadata={"help": "Also run the DPO-without-masking and M-KTO loops."})
+    raft: bool = field(default=False, metadata={"help": "Also run RAFT (SFT on the correct samples): is a gain "
+                       "the preference loss's own?"})
     generation_batch_size: int = field(default=128, metadata={"help": "Rows per generate call."})
     sandbox_workers: int = field(default=4, metadata={"help": "Python sessions running cells in parallel."})
     max_new_tokens: int = field(default=64, metadata={"help": "Tokens per assistant turn."})
@@ -82,10 +84,12 @@ def rollout_options(config: DemoConfig) -> dict:
 
 
 def train_options(config: DemoConfig, algorithm: str) -> dict:
-    values = {"beta": config.beta, "learning_rate": config.learning_rate, "lr_scheduler_type": "cosine",
+    values = {"learning_rate": config.learning_rate, "lr_scheduler_type": "cosine",
               "warmup_steps": 0.1, "num_train_epochs": config.epochs, "per_device_train_batch_size": config.batch_size,
               "max_length": 512, "logging_steps": 2, "save_strategy": "no", "report_to": "none", "use_cpu": True,
               "dtype": "float32", "weight_decay": 0.0}
+    if algorithm in ("dpo", "kto"):
+        values["beta"] = config.beta
     if algorithm == "dpo":
         values["nll_coef"] = config.nll_coef
     return values
@@ -136,7 +140,7 @@ def runner_for(method: str) -> I.StageRunner:
     """iterate's in-process stage runner, with the method's one difference applied to the training data
     just before training: tool outputs trained (dpo_no_mask), or KTO's class weights (m_kto)."""
     def run(command: str, values: dict, yaml_path: str) -> None:
-        if command in ("dpo", "kto") and method != "m_dpo":
+        if command in ("dpo", "kto") and method in ("dpo_no_mask", "m_kto"):
             rows = load_rows(values["train_data"])
             if method == "dpo_no_mask":
                 rows, marked = unmask_tool_outputs(rows)
@@ -156,7 +160,7 @@ def run_loop(config: DemoConfig, prompts: dict, method: str) -> list[dict]:
     """One method's `mtpo iterate` run. The controls start from M-DPO's iteration-1 samples (the
     same SFT model and seeds would sample exactly those again; copying them saves the time), so at
     iteration 1 all methods train on identical data; the SFT model is evaluated once, by M-DPO."""
-    algorithm = "kto" if method == "m_kto" else "dpo"
+    algorithm = {"m_kto": "kto", "raft": "sft"}.get(method, "dpo")
     loop = iterate_config(config, prompts, algorithm, name=method)
     if method != "m_dpo":
         loop.eval_start_model = False
@@ -177,7 +181,7 @@ def run_demo(config: DemoConfig) -> dict:
     started = time.time()
     os.makedirs(config.output_dir, exist_ok=True)
     prompts = write_prompts(config)
-    methods = ["m_dpo"] + (["dpo_no_mask", "m_kto"] if config.compare else [])
+    methods = ["m_dpo"] + (["dpo_no_mask", "m_kto"] if config.compare else []) + (["raft"] if config.raft else [])
     lines, seconds = {}, {}
     for method in tqdm(methods, desc="demo: methods", unit="method", dynamic_ncols=True):
         t = time.time()

@@ -1,12 +1,12 @@
 """The demo's results: rows per method and iteration, the printed table, results.{json,md}, plots.
 
 A row (results.json `rows`):
-  method             sft | dpo_no_mask | m_dpo | m_kto
+  method             sft | dpo_no_mask | m_dpo | m_kto (| raft with --raft)
   iteration          0 for the SFT model, k for the model trained in iteration k
   heldout_accuracy   greedy pass@1 on the held-out problems (one sample each, Python tool, graded)
   sampling_accuracy  share of correct trajectories among the samples this row's model was trained on
                      (sft: the SFT model's own samples, i.e. iteration 1's)
-  pairs              preference pairs trained on (m_kto: labelled trajectories)
+  pairs              preference pairs trained on (m_kto: labelled trajectories; raft: correct ones)
   train_loss         the last logged training loss
   reward_accuracy    the last logged share of pairs whose chosen reward beats the rejected (DPO only)
   heldout_by_kind    held-out accuracy per problem kind
@@ -20,7 +20,8 @@ import os
 
 from mtpo.agent import pairs as P
 
-METHODS = {"sft": "SFT", "dpo_no_mask": "DPO without masking", "m_dpo": "M-DPO", "m_kto": "M-KTO"}
+METHODS = {"sft": "SFT", "dpo_no_mask": "DPO without masking", "m_dpo": "M-DPO", "m_kto": "M-KTO",
+           "raft": "RAFT (SFT on correct samples)"}
 
 
 def _accuracy(evaluated: dict | None) -> float | None:
@@ -62,12 +63,12 @@ def collect(config, lines: dict[str, list[dict]]) -> dict:
             else:
                 row = {"method": method, "iteration": k, "heldout_accuracy": _accuracy(line.get("eval")),
                        "sampling_accuracy": _round(line["sampling_accuracy"]),
-                       "pairs": line["pairs"] if method != "m_kto" else line.get("train_rows"),
+                       "pairs": line["pairs"] if method in ("m_dpo", "dpo_no_mask") else line.get("train_rows"),
                        "train_loss": _round(line.get("train_loss")),
                        "reward_accuracy": _round(line.get("reward_accuracy")), "model": line["model"]}
             row["heldout_by_kind"] = by_kind(eval_dir)
             rows.append(row)
-    order = {m: i for i, m in enumerate(("sft", "dpo_no_mask", "m_dpo", "m_kto"))}
+    order = {m: i for i, m in enumerate(METHODS)}
     rows.sort(key=lambda r: (order[r["method"]], r["iteration"]))
     return {"rows": rows}
 
@@ -133,7 +134,7 @@ def plot_accuracy(rows: list[dict], path: str) -> None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     sft = next(r for r in rows if r["method"] == "sft")
-    for method, marker in (("m_dpo", "o-"), ("dpo_no_mask", "s--"), ("m_kto", "^--")):
+    for method, marker in (("m_dpo", "o-"), ("dpo_no_mask", "s--"), ("m_kto", "^--"), ("raft", "x:")):
         pts = [sft] + [r for r in rows if r["method"] == method]
         if len(pts) > 1:
             ax.plot([r["iteration"] for r in pts], [100 * (r["heldout_accuracy"] or 0) for r in pts], marker,
