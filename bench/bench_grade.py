@@ -39,7 +39,9 @@ from mtpo.agent import grade as G  # noqa: E402
 from mtpo.agent.grade import equivalent_many, gold_from_gsm8k, gold_from_math, grader_stats, is_equivalent  # noqa: E402
 from mtpo.agent.latexnorm import exact_value, normalize, squash, strip_var, structure  # noqa: E402
 
-DATA = Path("/work/shared/data")
+# the team's shared/ folder beside the checkout (MATH and GSM8K test sets), else where it lives here
+DATA = next((d for d in (REPO.parent / "shared" / "data", Path("/work/shared/data")) if d.is_dir()),
+            REPO.parent / "shared" / "data")
 
 
 def variants(gold: str) -> dict[str, str]:
