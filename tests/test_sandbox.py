@@ -8,6 +8,7 @@ import random
 import socket
 import stat
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -457,3 +458,25 @@ def test_seed_and_sessions_started_in_short_lived_threads():
         s.close()
     with pytest.raises(RuntimeError, match="closed"):
         sessions[0].run("1")
+
+
+@needs_bwrap
+def test_a_virtualenv_under_tmp_is_visible_read_only_and_nothing_around_it(tmp_path):
+    """A CI checkout's .venv under /tmp: the sandbox's fresh /tmp must not hide the interpreter (it used
+    to fail to start there), and only the installation is bound, never the folder around it."""
+    import shutil
+
+    checkout = tempfile.mkdtemp(prefix="mtpo-ci-", dir="/tmp")
+    try:
+        venv = os.path.join(checkout, ".venv")
+        base = getattr(sys, "_base_executable", sys.executable)  # as CI makes its venv: from the base Python
+        subprocess.run([base, "-m", "venv", "--without-pip", venv], check=True)
+        with open(os.path.join(checkout, "secret.txt"), "w") as f:
+            f.write("project file")
+        python = os.path.join(venv, "bin", "python")
+        with PythonSandbox(timeout_s=10, python=python).session() as s:
+            assert s.run("import sys; sys.prefix").output.strip() == repr(venv)
+            assert "FileNotFoundError" in s.run(f"open({os.path.join(checkout, 'secret.txt')!r}).read()").output
+            assert "Read-only file system" in s.run(f"open({os.path.join(venv, 'x')!r}, 'w')").output
+    finally:
+        shutil.rmtree(checkout)

@@ -150,7 +150,8 @@ class PythonSandbox:
     @cached_property
     def _python_roots(self) -> list[str]:
         """The Python installation the interpreter needs: prefixes of the venv and its base."""
-        if os.path.realpath(self.python) == os.path.realpath(sys.executable):
+        # not realpath: two virtualenvs of one base Python resolve to the same binary
+        if os.path.abspath(self.python) == os.path.abspath(sys.executable):
             prefixes = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
         else:
             out = subprocess.run([self.python, "-I", "-c", "import sys; print(sys.prefix); print(sys.base_prefix)"],
@@ -171,12 +172,15 @@ class PythonSandbox:
         for path in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/localtime",
                      "/etc/alternatives"):
             args += ["--ro-bind-try", path, path]
-        for root in self._python_roots:
-            args += ["--ro-bind", root, root]
         size = ["--size", str(self.tmpfs_mb * 1024 * 1024)] if bwrap_supports_size(self.bwrap) else []
         # /dev is a tmpfs bwrap fills with device nodes: read-only, with its own size-limited /dev/shm
         args += ["--proc", "/proc", "--dev", "/dev", *size, "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-                 *size, "--tmpfs", "/tmp", "--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
+                 *size, "--tmpfs", "/tmp"]
+        # after the fresh /tmp: a virtualenv may live under /tmp (a CI checkout's .venv); only the
+        # installation itself is bound there, read-only, never the folder around it
+        for root in self._python_roots:
+            args += ["--ro-bind", root, root]
+        args += ["--remount-ro", "/", "--chdir", "/tmp", "--clearenv"]
         for key, value in minimal_env("/tmp").items():
             args += ["--setenv", key, value]
         return args + ["--", *self._python_argv(ctl_fd)]
@@ -306,6 +310,9 @@ class Session:
         self._cleanup()
         if isinstance(hello, bytes) and hello[:1] == b"F":
             raise SandboxError(f"the sandbox session could not set its limits: {hello[1:].decode()}")
+        if "execvp" in text:  # namespaces worked; the interpreter is not visible inside the sandbox
+            raise SandboxError(f"the sandbox started but could not run the Python interpreter ({text.strip()}); "
+                               "the Python installation must be readable at its own path")
         if "bwrap" in text or self.sandbox.isolation == "bwrap" and not text.strip():
             raise SandboxUnavailable(
                 f"bubblewrap could not create the sandbox ({text.strip() or 'no message'}). It needs "
