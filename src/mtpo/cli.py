@@ -44,7 +44,7 @@ def format_options(name: str, config_cls: type, what: str) -> str:
 
 
 def run_config_command(name: str, config_cls: type, run: Callable, argv: list[str],
-                       config_required: bool = False) -> int:
+                       config_required: bool = False, log_level: int = logging.INFO) -> int:
     """`mtpo <name> [CONFIG.yaml] [--key=value ...]` for the config-driven agent commands: `--help`
     lists every option; a config or data error exits 2 with one line naming it; Ctrl-C / SIGTERM in
     a training stage exit 130 / 143 with one line (rerunning the command resumes)."""
@@ -59,7 +59,7 @@ def run_config_command(name: str, config_cls: type, run: Callable, argv: list[st
     parser = argparse.ArgumentParser(prog=f"mtpo {name}", add_help=False)
     parser.add_argument("config", nargs=None if config_required else "?")
     args, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(level=log_level, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     previous = _on_sigterm(_raise_terminated)  # SIGTERM ends like Ctrl-C: one line (training stages save first)
     try:
         run(load_config(config_cls, args.config, overrides))

@@ -17,11 +17,9 @@ single-turn trainer that treats everything after the question as the completion 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -29,8 +27,8 @@ from tqdm.auto import tqdm
 
 from mtpo.agent import iterate as I
 from mtpo.agent import pairs as P
-from mtpo.config import ConfigError, load_config
-from mtpo.data import RecordError, load_rows
+from mtpo.config import ConfigError
+from mtpo.data import load_rows
 from mtpo.demo import report, task
 
 PACKAGED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "model")
@@ -193,25 +191,14 @@ def run_demo(config: DemoConfig) -> dict:
     return results
 
 
-def options_help() -> str:
-    fields = DemoConfig.__dataclass_fields__.values()
-    default = lambda f: "the packaged model" if f.name == "model" else f.default  # noqa: E731
-    return "options (any as --key=value):\n" + "\n".join(
-        f"  --{f.name:<22} {f.metadata.get('help', '')} (default: {default(f)})" for f in fields)
-
-
 def cli(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mtpo demo", description=__doc__.strip().split("\n")[0],
-                                     epilog=options_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
-    _, overrides = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try:
-        config = load_config(DemoConfig, None, overrides)
+    from mtpo.cli import run_config_command
+
+    def demo(config: DemoConfig) -> None:
+        """The paper in miniature on CPU: SFT → online M-DPO iterations, DPO without masking, M-KTO."""
         results = run_demo(config)
-    except (ConfigError, RecordError, OSError) as e:
-        print(f"mtpo demo: error: {e}", file=sys.stderr)
-        return 2
-    print(report.format_table(results["rows"]))
-    print(f"\n{results['seconds']['total']:.0f} s → {config.output_dir}/results.md, results.json, accuracy.png, "
-          "training.png")
-    return 0
+        print(report.format_table(results["rows"]))
+        print(f"\n{results['seconds']['total']:.0f} s → {config.output_dir}/results.md, results.json, accuracy.png, "
+              "training.png")
+
+    return run_config_command("demo", DemoConfig, demo, argv, log_level=logging.WARNING)
