@@ -24,14 +24,7 @@ TINY = os.path.join(ROOT, "examples", "tiny-model")
 GSM8K = os.path.join(ROOT, "examples", "data", "gsm8k_mini.jsonl")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model's matmuls are too small to split: on a busy 2-core runner a second thread only
-    spin-waits (measured: 12x slower generation). Restored after this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")

@@ -104,15 +104,7 @@ def make_runner(sampled: list, kill_generate: tuple[int, int] | None = None):
     return runner
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models on a shared CPU train faster on one thread (subprocesses: OMP_NUM_THREADS=1, the same)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: one torch thread (conftest)
 
 
 @pytest.fixture(scope="module")
