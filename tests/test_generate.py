@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_rollout import FakeExecutor, ScriptedBackend, say
+from test_rollout import FakeExecutor, ScriptedBackend
 
 from mtpo.agent.backends import Generated, HFBackend, SamplingParams, VLLMBackend, split_finish
 from mtpo.agent.evaluate import EvalConfig, majority_vote, run_eval

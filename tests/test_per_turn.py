@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,9 +18,9 @@ import pytest
 import torch
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
-from mtpo.collate import LabeledCollator, PairCollator, pad_trajectories, sum_by_owner
+from mtpo.collate import LabeledCollator, PairCollator, sum_by_owner
 from mtpo.config import load_config
-from mtpo.data import RecordError, parse_conversation, parse_pair
+from mtpo.data import RecordError, parse_conversation
 from mtpo.logprobs import sequence_logps
 from mtpo.prepare import add_mismatched, fit_length, prepare_labeled, prepare_pairs
 from mtpo.render import ChatRenderer, RenderOptions

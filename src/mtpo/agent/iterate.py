@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import yaml
 
 from mtpo.agent import pairs as P
-from mtpo.agent.stages import (MANAGED, TRAINERS, StageRunner, run_stage, run_stage_inprocess,  # noqa: F401
+from mtpo.agent.stages import (MANAGED, StageRunner, run_stage, run_stage_inprocess,  # noqa: F401
                                stage_class, stage_values, subprocess_runner, write_stage_yaml)  # (re-exported)
 from mtpo.config import ConfigError, build_config
 from mtpo.options import looks_local
