@@ -35,12 +35,22 @@ def usage() -> str:
 def format_options(name: str, config_cls: type, what: str) -> str:
     """`mtpo <name> --help`: every option of the command's config dataclass, with help and default."""
     lines = [f"usage: mtpo {name} [CONFIG.yaml] [--key=value ...]", "", what, "", "options:"]
+    return "\n".join(lines + dataclass_options(config_cls))
+
+
+def dataclass_options(config_cls: type) -> list[str]:
+    """The `--help` entries of a config dataclass's fields, in order."""
+    lines = []
     for f in dataclasses.fields(config_cls):
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        default = "(required)" if default is dataclasses.MISSING else repr(default)
-        lines.append(f"  --{f.name}  (default: {default})")
-        lines += [f"      {line}" for line in textwrap.wrap(" ".join(f.metadata.get("help", "").split()), 88)]
-    return "\n".join(lines)
+        lines += option_entry(f.name, f.metadata.get("help", ""),
+                              "(required)" if default is dataclasses.MISSING else repr(default))
+    return lines
+
+
+def option_entry(key: str, help_: str, default: str) -> list[str]:
+    """One `--help` entry: the option and its default, then its help text wrapped and indented."""
+    return [f"  --{key}  (default: {default})"] + [f"      {line}" for line in textwrap.wrap(" ".join(help_.split()), 88)]
 
 
 def run_config_command(name: str, config_cls: type, run: Callable, argv: list[str],

@@ -23,6 +23,7 @@ import textwrap
 import typing
 from typing import Any
 
+from mtpo.cli import dataclass_options, option_entry
 from mtpo.config import ConfigError, _coerce, build_config, read_values, unknown_option
 from mtpo.data import DataError
 from mtpo.options import TRAINER_OPTIONS
@@ -119,18 +120,12 @@ def format_help(name: str) -> str:
              "--bf16, --max_length=null, --lora_target_modules=[q_proj,v_proj]); the command line wins.")
     lines = [f"usage: mtpo {name} CONFIG.yaml [--key=value ...]", "", what, *textwrap.wrap(intro, 96), "",
              f"mtpo options (docs/{name}.md):"]
-    for f in dataclasses.fields(TRAINER_OPTIONS[name]):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines += _entry(f.name, f.metadata.get("help", ""), repr(default) if isinstance(default, str) else str(default))
+    lines += dataclass_options(TRAINER_OPTIONS[name])
     lines += ["", "transformers TrainingArguments options (https://huggingface.co/docs/transformers/main_classes/"
               "trainer#transformers.TrainingArguments):"]
     for info in training_arguments_fields().values():
-        lines += _entry(info.name, info.help, OWN_DEFAULTS.get(info.name, info.default))
+        lines += option_entry(info.name, info.help, OWN_DEFAULTS.get(info.name, info.default))
     return "\n".join(lines)
-
-
-def _entry(key: str, help_: str, default: str) -> list[str]:
-    return [f"  --{key}  (default: {default})"] + [f"      {line}" for line in textwrap.wrap(" ".join(help_.split()), 88)]
 
 
 # ------------------------------------------------------------------------------------------ running
