@@ -193,9 +193,7 @@ def build_executor(settings: RolloutSettings):
     try:
         sandbox = PythonSandbox(**settings.sandbox)
         sandbox.check()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"sandbox: {e}") from None
-    except SandboxUnavailable as e:
+    except (TypeError, ValueError, SandboxUnavailable) as e:  # bad options, or no namespaces here
         raise ConfigError(f"sandbox: {e}") from None
     return SandboxPool(sandbox, max_workers=settings.sandbox_workers)
 
